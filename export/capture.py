@@ -1,0 +1,58 @@
+"""Capture one component at static shapes with ``torch.export`` and run it once for reference outputs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from pocketsd.export.components.base import ComponentSpec, Dims, IOSpec
+from pocketsd.export.graph_summary import GraphSummary, summarize
+from pocketsd.runtime.manifest import TensorSpec
+
+log = logging.getLogger(__name__)
+_TORCH_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32, "float16": torch.float16}
+
+
+@dataclass
+class Captured:
+    spec: ComponentSpec
+    graph_module: fx.GraphModule
+    summary: GraphSummary
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    example_inputs: tuple[torch.Tensor, ...]
+    reference_outputs: tuple[torch.Tensor, ...]
+
+
+def example_value(io: IOSpec, shape: tuple[int, ...], dims: Dims, generator: torch.Generator) -> torch.Tensor:
+    """A seeded example input of the kind the component sees in real use."""
+    if io.example == "tokens":
+        ids = torch.randint(0, dims.vocab_size - 2, shape, generator=generator)
+        ids[..., 0] = dims.vocab_size - 2  # <|startoftext|> sits just before <|endoftext|> in CLIP vocabularies
+        ids[..., shape[-1] // 2:] = dims.vocab_size - 1
+        return ids.to(_TORCH_DTYPES[io.dtype])
+    if io.example == "timestep":
+        return torch.full(shape, 981.0, dtype=_TORCH_DTYPES[io.dtype])
+    if io.example == "image":
+        return torch.rand(shape, generator=generator) * 2 - 1
+    return torch.randn(shape, generator=generator, dtype=_TORCH_DTYPES[io.dtype])
+
+
+def capture(spec: ComponentSpec, model: torch.nn.Module, dims: Dims, seed: int = 0) -> Captured:
+    wrapper = spec.make_wrapper(model).eval()
+    generator = torch.Generator().manual_seed(seed)
+    examples = tuple(example_value(io, spec.shape(io, dims), dims, generator) for io in spec.inputs)
+    log.info("capturing %s with torch.export at %s", spec.id, [tuple(x.shape) for x in examples])
+    with torch.no_grad():
+        exported = torch.export.export(wrapper, examples, strict=False)
+        graph_module = exported.module(check_guards=False)
+        reference = wrapper(*examples)
+    reference = reference if isinstance(reference, tuple) else (reference,)
+    inputs = tuple(TensorSpec(io.name, io.dtype, tuple(x.shape)) for io, x in zip(spec.inputs, examples))
+    outputs = tuple(TensorSpec(io.name, io.dtype, tuple(y.shape)) for io, y in zip(spec.outputs, reference))
+    summary = summarize(spec.id, graph_module)
+    return Captured(spec, graph_module, summary, inputs, outputs, examples, tuple(r.detach() for r in reference))

@@ -1,0 +1,76 @@
+"""What every component spec says: its id, which diffusers sub-model it wraps, and its named inputs and outputs.
+
+A spec is data plus one explicit wrapper ``nn.Module`` (we never patch ``forward`` on someone else's module). Shapes
+are written with named dimensions and resolved against the export's :class:`Dims`, so other model families
+(SD 2.x at 768², SDXL with a second text encoder and extra UNet conditioning) are new specs, not new code paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+# The attribute under which every wrapper holds the diffusers module; module paths are reported without it.
+WRAPPED = "model"
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """A named tensor with named dims. ``example`` says how to draw a seeded example value."""
+
+    name: str
+    dtype: str
+    dims: tuple[str, ...]
+    example: str = "normal"  # normal | tokens | timestep | image
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Static sizes of one export, from the preset and the model's configs."""
+
+    height: int
+    width: int
+    latent_channels: int
+    vae_scale_factor: int
+    text_length: int
+    text_hidden: int
+    vocab_size: int
+    unet_batch: int
+
+    @property
+    def latent_height(self) -> int:
+        return self.height // self.vae_scale_factor
+
+    @property
+    def latent_width(self) -> int:
+        return self.width // self.vae_scale_factor
+
+    def size(self, name: str, batch: int) -> int:
+        if name == "batch":
+            return batch
+        if name == "image_channels":
+            return 3
+        if name == "one":
+            return 1
+        value = getattr(self, name, None)
+        if not isinstance(value, int):
+            raise KeyError(f"unknown dimension name {name!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    id: str
+    subfolder: str
+    inputs: tuple[IOSpec, ...]
+    outputs: tuple[IOSpec, ...]
+    make_wrapper: Callable[[Any], Any]
+    batch_from: str = "one"  # which Dims field gives this component's batch ("unet_batch") or "one"
+    parity_inputs: str = "seeded"
+
+    def batch(self, dims: Dims) -> int:
+        return 1 if self.batch_from == "one" else dims.size(self.batch_from, 1)
+
+    def shape(self, io: IOSpec, dims: Dims) -> tuple[int, ...]:
+        batch = self.batch(dims)
+        return tuple(dims.size(d, batch) for d in io.dims)

@@ -1,0 +1,33 @@
+"""UNet: (noisy latents, timestep, text states) → the model output (epsilon or v, per the scheduler config).
+
+The batch is the preset's ``unet_batch``: 2 runs classifier-free guidance as one call, 1 as two calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pocketsd.export.components.base import WRAPPED, ComponentSpec, IOSpec
+
+
+class UNetWrapper(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        setattr(self, WRAPPED, unet)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return getattr(self, WRAPPED)(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+SPEC = ComponentSpec(
+    id="unet",
+    subfolder="unet",
+    inputs=(
+        IOSpec("sample", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),
+        IOSpec("timestep", "float32", ("batch",), example="timestep"),
+        IOSpec("encoder_hidden_states", "float32", ("batch", "text_length", "text_hidden")),
+    ),
+    outputs=(IOSpec("noise_pred", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
+    make_wrapper=UNetWrapper,
+    batch_from="unet_batch",
+)

@@ -1,0 +1,25 @@
+"""VAE decoder: unscaled latents (already divided by the scaling factor) → image in [-1, 1]."""
+
+from __future__ import annotations
+
+import torch
+
+from pocketsd.export.components.base import WRAPPED, ComponentSpec, IOSpec
+
+
+class VaeDecoderWrapper(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        setattr(self, WRAPPED, vae)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return getattr(self, WRAPPED).decode(latent, return_dict=False)[0]
+
+
+SPEC = ComponentSpec(
+    id="vae_decoder",
+    subfolder="vae",
+    inputs=(IOSpec("latent", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
+    outputs=(IOSpec("image", "float32", ("batch", "image_channels", "height", "width")),),
+    make_wrapper=VaeDecoderWrapper,
+)

@@ -1,0 +1,149 @@
+"""``export_bundle``: diffusers folder → capture → plan → write → parity gate → bundle, for each component.
+
+The bundle is assembled in a staging folder beside ``--out`` and renamed into place only when every chunk and
+component passed its parity check; on any failure (or Ctrl-C) the staging folder is removed and ``--out`` is
+untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from tqdm import tqdm
+
+from pocketsd import __version__
+from pocketsd.errors import OutputError, PresetError
+from pocketsd.export.bundle_files import file_ref, write_plan, write_tokenizer
+from pocketsd.export.capture import capture
+from pocketsd.export.components import SD_COMPONENTS, Dims
+from pocketsd.export.model_loader import ModelFolder, load_module, open_model_folder
+from pocketsd.export.preset import Preset
+from pocketsd.export.write_component import write_component
+from pocketsd.runtime.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    model: str  # "tiny" or a diffusers folder
+    preset: Preset
+    out: Path
+    seed: int = 0
+    progress: bool = True
+
+
+def _staging_dir(out: Path) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"{out} already exists and is not empty", "choose a new --out folder or delete this one")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write the bundle to {out}: {exc.strerror or exc}",
+                          "choose an --out folder in a writable location") from None
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp creates the staging folder as 0700; give the bundle the permissions a normal mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+
+
+def _model_folder(model: str, stack: ExitStack) -> tuple[ModelFolder, str]:
+    if model == "tiny":
+        from pocketsd.export.random_model import builtin_configs, write_random_model
+
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pocketsd-tiny-")))
+        path = write_random_model(tmp / "tiny", builtin_configs("tiny"))
+        return open_model_folder(path), "tiny (built-in random model)"
+    return open_model_folder(model), str(Path(model).resolve())
+
+
+def resolve_dims(folder: ModelFolder, preset: Preset) -> Dims:
+    unet, vae, text = folder.config("unet"), folder.config("vae"), folder.config("text_encoder")
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    native = int(unet["sample_size"]) * scale
+    height, width = preset.resolution or (native, native)
+    multiple = scale * 2 ** (len(unet["block_out_channels"]) - 1)
+    if height % multiple or width % multiple:
+        raise PresetError(f"resolution {height}x{width} does not fit this model",
+                          f"height and width must be multiples of {multiple} (native size: {native}x{native})")
+    if text["hidden_size"] != unet["cross_attention_dim"]:
+        raise PresetError(f"text encoder width {text['hidden_size']} differs from the UNet's cross-attention width "
+                          f"{unet['cross_attention_dim']}: the model folder mixes two models")
+    return Dims(height=height, width=width, latent_channels=int(unet["in_channels"]), vae_scale_factor=scale,
+                text_length=int(text["max_position_embeddings"]), text_hidden=int(text["hidden_size"]),
+                vocab_size=int(text["vocab_size"]), unet_batch=preset.unet_batch)
+
+
+def _modules(folder: ModelFolder, components: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
+    """Load each sub-model once, in component order, and let it go when no later component needs it."""
+    loaded: dict[str, Any] = {}
+    for i, component in enumerate(components):
+        sub = SD_COMPONENTS[component].subfolder
+        if sub not in loaded:
+            loaded[sub] = load_module(folder, sub)
+        yield component, loaded[sub]
+        if all(SD_COMPONENTS[c].subfolder != sub for c in components[i + 1:]):
+            del loaded[sub]
+
+
+def export_bundle(request: ExportRequest) -> Path:
+    out = Path(request.out)
+    staging = _staging_dir(out)
+    try:
+        with ExitStack() as stack:
+            folder, source = _model_folder(request.model, stack)
+            manifest = _export_into(folder, source, request, staging)
+        manifest.write(staging)
+        _make_readable(staging)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _export_into(folder: ModelFolder, source: str, request: ExportRequest, staging: Path) -> Manifest:
+    preset = request.preset
+    dims = resolve_dims(folder, preset)
+    components, plans = {}, {}
+    bar = tqdm(total=len(preset.components), desc="export", unit="component", disable=not request.progress)
+    with bar:
+        for component_id, model in _modules(folder, preset.components):
+            spec = SD_COMPONENTS[component_id]
+            bar.set_postfix_str(component_id)
+            captured = capture(spec, model, dims, seed=request.seed)
+            component, plan = write_component(captured, preset, staging, progress=request.progress)
+            components[component_id], plans[component_id] = component, plan.to_dict()
+            bar.update()
+    vae = folder.config("vae")
+    return Manifest(
+        schema_version="1.0",
+        model={"source": source, "pipeline": folder.model_index.get("_class_name"),
+               "name": Path(source).name if source.startswith("/") else "tiny"},
+        target={"preset": preset.name, "preset_source": preset.source, "backend": preset.backend,
+                "precision": preset.precision, "config": preset.to_dict()},
+        dims={"height": dims.height, "width": dims.width, "latent_height": dims.latent_height,
+              "latent_width": dims.latent_width, "latent_channels": dims.latent_channels,
+              "vae_scale_factor": dims.vae_scale_factor, "text_length": dims.text_length,
+              "text_hidden": dims.text_hidden, "vocab_size": dims.vocab_size, "unet_batch": dims.unet_batch},
+        latent_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        tokenizer=write_tokenizer(folder, staging, dims.text_length),
+        scheduler={"class_name": folder.scheduler_config.get("_class_name"),
+                   "config": {k: v for k, v in folder.scheduler_config.items()}},
+        components=components,
+        plan=file_ref(staging, write_plan(staging, plans)),
+        created_by=f"pocketsd {__version__}",
+    )

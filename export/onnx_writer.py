@@ -1,0 +1,74 @@
+"""Write one chunk as an ONNX file (``onnx::fp32``), named by the plan.
+
+The chunk module is exported with the dynamo-based ``torch.onnx.export``; inputs and outputs get the plan's tensor
+names. Weights go to an external data file only when the protobuf 2 GB limit demands it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import onnx_ir as ir
+import torch
+
+from pocketsd.errors import InternalError
+from pocketsd.export.plan import PlannedChunk
+
+log = logging.getLogger(__name__)
+# Protobuf refuses messages over 2 GiB; leave room for the graph itself.
+EXTERNAL_DATA_ABOVE = 1_800_000_000
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """torch.onnx prints progress and version chatter on stdout; the CLI has its own progress bars."""
+    noisy = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in noisy]
+    for lg in noisy:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(noisy, levels):
+            lg.setLevel(level)
+
+
+def _strip_trace_metadata(model: ir.Model) -> None:
+    """The exporter records each node's Python stack trace and module path: local paths, and as many bytes as the
+    weights of a small chunk. The bundle's plan already says which modules each chunk spans."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.clear()
+
+
+def write_onnx(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], input_names: Sequence[str],
+               output_names: Sequence[str], path: Path) -> list[Path]:
+    """Export ``module`` to ``path``; returns the files written (the .onnx and any external data file)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    weight_bytes += sum(b.numel() * b.element_size() for b in module.buffers())
+    external = weight_bytes > EXTERNAL_DATA_ABOVE
+    with quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            module, tuple(example_inputs), dynamo=True, input_names=list(input_names),
+            output_names=list(output_names), optimize=True, verify=False, report=False,
+        )
+        if program is None:
+            raise InternalError("torch.onnx.export returned no program")
+        _strip_trace_metadata(program.model)
+        program.save(str(path), external_data=external)
+    files = [path]
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        files.append(data)
+    return files
+
+
+def write_chunk(chunk: PlannedChunk, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
+                path: Path) -> list[Path]:
+    return write_onnx(module, example_inputs, [t.name for t in chunk.inputs], [t.name for t in chunk.outputs], path)

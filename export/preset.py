@@ -1,0 +1,216 @@
+"""Presets: strict YAML in ``split_configs/`` → frozen dataclasses.
+
+Every key is checked: an unknown key, a bad value or an impossible combination is a :class:`PresetError` naming the
+file, the key path and what is allowed. Nothing is warned about and dropped. CLI overrides (``--chunks``,
+``--max-chunk-mb``, ``--resolution``) go through the same checks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from pocketsd.errors import PresetError
+from pocketsd.export.split_strategies import SplitRequest
+
+COMPONENT_IDS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+BACKENDS = ("onnx", "coreml")
+PRECISIONS = {"onnx": ("fp32",), "coreml": ("fp32", "fp16")}
+_TOP_KEYS = ("name", "description", "backend", "precision", "resolution", "unet_batch", "components", "split",
+             "parity", "runtime", "coreml")
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    min_psnr_db: float = 60.0
+    per_component: Mapping[str, float] = field(default_factory=dict)
+
+    def threshold(self, component: str) -> float:
+        return self.per_component.get(component, self.min_psnr_db)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    threads: int = 0
+    low_memory: bool = False
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    source: str
+    backend: str = "onnx"
+    precision: str = "fp32"
+    description: str = ""
+    resolution: tuple[int, int] | None = None  # (height, width); None: the model's native size
+    unet_batch: int = 2
+    components: tuple[str, ...] = COMPONENT_IDS
+    split: Mapping[str, SplitRequest] = field(default_factory=dict)
+    parity: ParityConfig = field(default_factory=ParityConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    coreml: Mapping[str, Any] = field(default_factory=dict)
+
+    def split_for(self, component: str) -> SplitRequest:
+        return self.split.get(component, self.split.get("default", SplitRequest()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "backend": self.backend, "precision": self.precision,
+            "resolution": list(self.resolution) if self.resolution else None, "unet_batch": self.unet_batch,
+            "components": list(self.components),
+            "split": {k: {f: v for f, v in vars(r).items() if v is not None} for k, r in self.split.items()},
+            "parity": {"min_psnr_db": self.parity.min_psnr_db, "per_component": dict(self.parity.per_component)},
+            "runtime": vars(self.runtime), "coreml": dict(self.coreml),
+        }
+
+
+class _Reader:
+    """Strict access to one YAML mapping, remembering the file and key path for error messages."""
+
+    def __init__(self, data: Any, source: str, path: str = "") -> None:
+        self.source, self.path = source, path
+        if not isinstance(data, dict):
+            self.fail(f"must be a mapping, not {type(data).__name__}")
+        self.data = data
+
+    def fail(self, what: str, hint: str | None = None) -> None:
+        where = f"{self.source}: {self.path or '<top>'}"
+        raise PresetError(f"{where} {what}", hint)
+
+    def only(self, allowed: tuple[str, ...]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                child = f"{self.path}.{key}" if self.path else str(key)
+                raise PresetError(f"{self.source}: unknown key {child!r}", f"allowed here: {', '.join(allowed)}")
+
+    def child(self, key: str) -> "_Reader":
+        return _Reader(self.data.get(key) or {}, self.source, f"{self.path}.{key}" if self.path else key)
+
+    def choice(self, key: str, allowed: tuple[Any, ...], default: Any) -> Any:
+        value = self.data.get(key, default)
+        if value not in allowed:
+            self.at(key).fail(f"is {value!r}", f"allowed: {', '.join(map(str, allowed))}")
+        return value
+
+    def number(self, key: str, default: Any, kind: type = int, minimum: float = 0) -> Any:
+        value = self.data.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            self.at(key).fail(f"is {value!r}, not a{'n integer' if kind is int else ' number'}")
+        if value < minimum:
+            self.at(key).fail(f"is {value}, below the minimum {minimum}")
+        return kind(value)
+
+    def at(self, key: str) -> "_Reader":
+        return _Reader({}, self.source, f"{self.path}.{key}" if self.path else key)
+
+
+def parse_resolution(value: Any, where: _Reader) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    text = str(value)
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text) or re.fullmatch(r"\s*(\d+)\s*", text)
+    if not match:
+        where.fail(f"is {value!r}", "write HEIGHTxWIDTH, e.g. 512x512")
+    h = int(match.group(1))
+    w = int(match.group(2)) if match.lastindex == 2 else h
+    if h % 8 or w % 8 or h <= 0 or w <= 0:
+        where.fail(f"is {h}x{w}", "height and width must be positive multiples of 8 (64 for most UNets)")
+    return h, w
+
+
+def _split_request(reader: _Reader) -> SplitRequest:
+    reader.only(("n_chunks", "max_mb", "at_modules"))
+    if len(reader.data) != 1:
+        reader.fail("must set exactly one of n_chunks, max_mb, at_modules")
+    if "n_chunks" in reader.data:
+        return SplitRequest(n_chunks=reader.number("n_chunks", 1, int, 1))
+    if "max_mb" in reader.data:
+        return SplitRequest(max_bytes=int(reader.number("max_mb", 1, float, 0.001) * 1_000_000))
+    modules = reader.data["at_modules"]
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, str) for m in modules):
+        reader.at("at_modules").fail("must be a non-empty list of module paths", "e.g. [down_blocks.2, mid_block]")
+    return SplitRequest(at_modules=tuple(modules))
+
+
+def preset_from_dict(data: Any, source: str) -> Preset:
+    top = _Reader(data, source)
+    top.only(_TOP_KEYS)
+    backend = top.choice("backend", BACKENDS, "onnx")
+    precision = top.choice("precision", PRECISIONS[backend], "fp32")
+    components = tuple(top.data.get("components", COMPONENT_IDS))
+    for c in components:
+        if c not in COMPONENT_IDS:
+            top.at("components").fail(f"names unknown component {c!r}", f"known: {', '.join(COMPONENT_IDS)}")
+    split_reader = top.child("split")
+    split_reader.only((*COMPONENT_IDS, "default"))
+    split = {key: _split_request(split_reader.child(key)) for key in split_reader.data}
+    par = top.child("parity")
+    par.only(("min_psnr_db", "per_component"))
+    per = par.child("per_component")
+    per.only(COMPONENT_IDS)
+    run = top.child("runtime")
+    run.only(("threads", "low_memory"))
+    low = run.choice("low_memory", (True, False), False)
+    coreml = top.data.get("coreml") or {}
+    if coreml and backend != "coreml":
+        top.at("coreml").fail("is set but backend is not coreml", "remove it or set backend: coreml")
+    return Preset(
+        name=str(top.data.get("name") or Path(source).stem), source=source, backend=backend, precision=precision,
+        description=str(top.data.get("description", "")),
+        resolution=parse_resolution(top.data.get("resolution"), top.at("resolution")),
+        unet_batch=top.choice("unet_batch", (1, 2), 2), components=components, split=split,
+        parity=ParityConfig(par.number("min_psnr_db", 60.0, float),
+                            {k: per.number(k, 0.0, float) for k in per.data}),
+        runtime=RuntimeConfig(run.number("threads", 0, int), low), coreml=dict(coreml),
+    )
+
+
+def builtin_presets() -> list[str]:
+    folder = resources.files("pocketsd.split_configs")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name_or_file: str) -> Preset:
+    """A built-in preset by name (``cpu``) or a YAML file path."""
+    path = Path(name_or_file)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise PresetError(f"preset file {path} does not exist", f"built-in presets: {', '.join(builtin_presets())}")
+        text, source = path.read_text(), str(path)
+    else:
+        resource = resources.files("pocketsd.split_configs") / f"{name_or_file}.yaml"
+        if not resource.is_file():
+            raise PresetError(f"unknown preset {name_or_file!r}", f"built-in presets: {', '.join(builtin_presets())}"
+                              " — or pass a YAML file")
+        text, source = resource.read_text(), f"split_configs/{name_or_file}.yaml"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PresetError(f"{source} is not valid YAML: {exc}".splitlines()[0]) from None
+    return preset_from_dict(data, source)
+
+
+def with_overrides(preset: Preset, chunks: Mapping[str, int] | None = None, max_chunk_mb: float | None = None,
+                   resolution: str | None = None) -> Preset:
+    """Apply CLI overrides; they are validated like preset keys (source ``command line``)."""
+    split = dict(preset.split)
+    cli = _Reader({}, "command line")
+    if max_chunk_mb is not None:
+        if max_chunk_mb <= 0:
+            cli.at("--max-chunk-mb").fail(f"is {max_chunk_mb}", "give a positive number of megabytes")
+        split = {c: SplitRequest(max_bytes=int(max_chunk_mb * 1_000_000)) for c in COMPONENT_IDS}
+    for component, n in (chunks or {}).items():
+        if component not in COMPONENT_IDS:
+            cli.at("--chunks").fail(f"names unknown component {component!r}", f"known: {', '.join(COMPONENT_IDS)}")
+        if n < 1:
+            cli.at("--chunks").fail(f"asks for {n} chunks of {component}", "ask for at least 1")
+        split[component] = SplitRequest(n_chunks=n)
+    res = parse_resolution(resolution, cli.at("--resolution")) if resolution else preset.resolution
+    return replace(preset, split=split, resolution=res)

@@ -1,0 +1,109 @@
+"""Build a Stable Diffusion folder with random weights from the configs shipped in ``model_configs/``.
+
+``tiny`` is small enough that export + tests take seconds; ``sd15`` is the published SD 1.5 architecture, so speed,
+memory and size measured on it are real even though its pictures are noise. Both are deterministic (fixed seed) and
+written in the standard diffusers layout that ``StableDiffusionPipeline.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pocketsd.errors import OutputError, UserError
+
+log = logging.getLogger(__name__)
+ARCHS = ("tiny", "sd15")
+SEED = 0
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """The four configs of a random model (diffusers/transformers config dicts)."""
+
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    scheduler: dict[str, Any]
+    arch: str = "custom"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def builtin_configs(arch: str) -> ModelConfigs:
+    if arch not in ARCHS:
+        raise UserError(f"unknown architecture {arch!r}", f"choose one of: {', '.join(ARCHS)}", code="arch")
+    folder = resources.files("pocketsd.export") / "model_configs" / arch
+    load = lambda name: json.loads((folder / f"{name}.json").read_text())  # noqa: E731
+    return ModelConfigs(load("unet"), load("vae"), load("text_encoder"), load("scheduler"), arch=arch)
+
+
+def _model_index(diffusers_version: str) -> dict[str, Any]:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers_version,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _write_components(configs: ModelConfigs, root: Path) -> None:
+    import diffusers
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pocketsd.export.tokenizer_files import write_clip_tokenizer
+
+    diffusers.utils.logging.disable_progress_bar()
+
+    write_clip_tokenizer(root / "tokenizer", vocab_size=configs.text_encoder["vocab_size"])
+    vocab = json.loads((root / "tokenizer" / "vocab.json").read_text())
+    special = {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
+               "pad_token_id": vocab["<|endoftext|>"]}
+
+    torch.manual_seed(SEED)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**configs.text_encoder, **special}))
+    text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    del text_encoder
+    torch.manual_seed(SEED + 1)
+    unet = diffusers.UNet2DConditionModel(**configs.unet)
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    del unet
+    torch.manual_seed(SEED + 2)
+    diffusers.AutoencoderKL(**configs.vae).save_pretrained(root / "vae", safe_serialization=True)
+    diffusers.PNDMScheduler.from_config(configs.scheduler).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps(_model_index(diffusers.__version__), indent=2) + "\n")
+
+
+def write_random_model(out_dir: str | Path, configs: ModelConfigs) -> Path:
+    """Write the model to ``out_dir`` (which must not exist or be empty), atomically."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"{out} already exists and is not an empty folder", "choose a new folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out.parent} ({exc.strerror})", "choose a writable folder") from None
+    try:
+        log.info("building random %s model in %s", configs.arch, out)
+        _write_components(configs, staging)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

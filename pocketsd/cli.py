@@ -1,0 +1,103 @@
+"""The ``pocketsd`` command. Only this module prints; everything it calls logs or returns."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pocketsd.errors import PresetError, UserError
+
+
+def _chunks_arg(text: str) -> tuple[str, int]:
+    name, _, count = text.partition("=")
+    if not count.isdigit():
+        raise argparse.ArgumentTypeError(f"expected COMPONENT=N (e.g. unet=4), got {text!r}")
+    return name, int(count)
+
+
+def cmd_random_model(args: argparse.Namespace) -> int:
+    from pocketsd.export.random_model import builtin_configs, write_random_model
+
+    out = write_random_model(args.dir, builtin_configs(args.arch))
+    print(f"wrote random {args.arch} model to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from pocketsd.export.exporter import ExportRequest, export_bundle
+        from pocketsd.export.preset import load_preset, with_overrides
+    except ImportError as exc:
+        raise UserError(f"exporting needs the [export] extra ({exc.name} is not installed)",
+                        "pip install 'pocketsd[export]' (see README)", code="missing-extra") from None
+    chunks = dict(args.chunks or [])
+    if len(chunks) != len(args.chunks or []):
+        raise PresetError("command line: --chunks names a component twice", "give each component once")
+    preset = with_overrides(load_preset(args.preset), chunks, args.max_chunk_mb, args.resolution)
+    out = export_bundle(ExportRequest(model=args.model, preset=preset, out=Path(args.out), seed=args.seed,
+                                      progress=not args.quiet))
+    print(f"wrote bundle {out} (preset {preset.name}); see `pocketsd inspect {out}`")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pocketsd.runtime.describe import describe, format_table
+    from pocketsd.runtime.manifest import load_manifest
+
+    info = describe(load_manifest(args.bundle), Path(args.bundle))
+    print(json.dumps(info, indent=2) if args.json else format_table(info), end="" if not args.json else "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pocketsd", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("random-model", help="write a diffusers SD folder with random weights (tiny or sd15)")
+    p.add_argument("dir")
+    p.add_argument("--arch", choices=("tiny", "sd15"), default="tiny")
+    p.set_defaults(run=cmd_random_model)
+
+    p = sub.add_parser("export", help="export a model to a chunked, parity-checked bundle")
+    p.add_argument("--model", required=True, help="'tiny' (built-in) or a diffusers model folder")
+    p.add_argument("--preset", default="cpu", help="built-in preset name (cpu, cpu-lowmem, ...) or a YAML file")
+    p.add_argument("--out", required=True, help="bundle folder to create (must not exist or be empty)")
+    p.add_argument("--chunks", type=_chunks_arg, action="append", metavar="COMPONENT=N",
+                   help="cut COMPONENT into N chunks (overrides the preset; repeatable)")
+    p.add_argument("--max-chunk-mb", type=float, help="cut every component so no chunk holds more weights than this")
+    p.add_argument("--resolution", help="image size HEIGHTxWIDTH (default: the preset's, else the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the parity-check inputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("inspect", help="show a bundle's components, chunks, sizes and parity figures")
+    p.add_argument("bundle")
+    p.add_argument("--json", action="store_true", help="print the same as JSON")
+    p.set_defaults(run=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except UserError as exc:
+        print(exc.one_line(), file=sys.stderr)
+        if exc.details:
+            print(exc.details, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The model's noise schedule, read from a diffusers ``scheduler_config.json``.
+
+A diffusers scheduler config mixes two kinds of keys. Keys that describe how the model was trained (betas,
+prediction type, timestep spacing, ...) become fields of ``SchedulerConfig``. Keys that describe a sampler (solver
+order, Karras sigmas, skipping PRK steps, ...) are chosen by the scheduler id instead (``dpmpp_2m_karras`` means
+DPM++ 2M with Karras sigmas whatever the file says), so they are read past. A key this module does not know, or a
+training key with a value the ports do not implement, is an error naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args
+
+from pocketsd.errors import GenerateError
+
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
+
+# Bookkeeping, or sampler settings that the scheduler id decides (each port uses diffusers' defaults for its id).
+_SAMPLER_KEYS = frozenset({
+    "_class_name", "_diffusers_version", "_use_default_values",
+    "skip_prk_steps", "solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final",
+    "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
+    "interpolation_type", "final_sigmas_type", "lambda_min_clipped", "variance_type", "sigma_min", "sigma_max",
+    "flow_shift", "use_dynamic_shifting", "time_shift_type", "shift_terminal", "predict_x0", "solver_p",
+    "disable_corrector", "noise_sampler_seed", "dynamic_thresholding_ratio", "sample_max_value",
+})
+
+# Training keys whose only supported value is diffusers' default (anything else changes the math).
+_FIXED_KEYS: dict[str, Any] = {
+    "trained_betas": None,
+    "rescale_betas_zero_snr": False,
+    "thresholding": False,
+    "timestep_type": "discrete",
+}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The training noise schedule of a model; defaults are Stable Diffusion 1.x's."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: BetaSchedule = "scaled_linear"
+    prediction_type: PredictionType = "epsilon"
+    timestep_spacing: TimestepSpacing = "leading"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    original_inference_steps: int = 50  # LCM: length of the distillation schedule its timesteps are taken from
+    timestep_scaling: float = 10.0  # LCM: scales t in the consistency boundary condition
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_field(f.name, f.type, getattr(self, f.name))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SchedulerConfig:
+        """Build from a diffusers scheduler config dict; raise ``GenerateError`` on anything unsupported."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, value in d.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _FIXED_KEYS:
+                if value != _FIXED_KEYS[key]:
+                    raise GenerateError(
+                        f"scheduler config key {key!r} = {value!r} is not supported",
+                        hint=f"only {_FIXED_KEYS[key]!r} is implemented by the numpy schedulers",
+                    )
+            elif key not in _SAMPLER_KEYS:
+                raise GenerateError(
+                    f"unknown scheduler config key {key!r}",
+                    hint=f"known keys: {', '.join(sorted(known | _FIXED_KEYS.keys()))} (+ sampler keys chosen by id)",
+                )
+        return cls(**kwargs)
+
+
+def _check_field(name: str, annotation: str, value: Any) -> None:
+    """Validate one field against its annotation (the module uses postponed annotations, so they are strings)."""
+    choices = {"BetaSchedule": BetaSchedule, "PredictionType": PredictionType, "TimestepSpacing": TimestepSpacing}
+    if annotation in choices:
+        allowed = get_args(choices[annotation])
+        if value not in allowed:
+            raise GenerateError(
+                f"scheduler config key {name!r} = {value!r} is not supported",
+                hint=f"allowed values: {', '.join(allowed)}",
+            )
+    elif annotation == "bool":
+        if not isinstance(value, bool):
+            raise GenerateError(f"scheduler config key {name!r} must be true or false, got {value!r}")
+    elif annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise GenerateError(f"scheduler config key {name!r} must be a non-negative integer, got {value!r}")
+        if value == 0 and name != "steps_offset":
+            raise GenerateError(f"scheduler config key {name!r} must be at least 1, got 0")
+    elif annotation == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise GenerateError(f"scheduler config key {name!r} must be a non-negative number, got {value!r}")
