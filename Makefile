@@ -20,6 +20,7 @@ demo: install
 	$(POCKETSD) random-model demo/tiny-model --arch tiny
 	$(POCKETSD) export --model demo/tiny-model --preset cpu --out demo/tiny-cpu
 	$(POCKETSD) inspect demo/tiny-cpu
+	$(POCKETSD) generate demo/tiny-cpu --prompt "$(PROMPT)" --steps 20 --seed 1 --out demo/tiny.png
 
 test: install
 	$(PY) -m pytest -q

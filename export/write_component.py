@@ -1,8 +1,8 @@
 """Plan, cut, write and check one captured component; returns its manifest entry.
 
 Writers obey the plan: the boundaries come from ``split_strategies``, the backend only converts each chunk module.
-Every chunk is run on the reference inputs PyTorch fed it, and the whole chain is run end to end; the figures go into
-the manifest and the preset's thresholds gate them.
+Every chunk is run on the reference inputs PyTorch fed it, and the whole chain end to end on its own outputs; the
+figures go into the manifest and the preset's thresholds gate them.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from pocketsd.export.plan import ComponentPlan, analyze_cuts, build_plan
 from pocketsd.export.preset import Preset
 from pocketsd.export.slicing import ChunkModule, slice_plan
 from pocketsd.export.split_strategies import STRATEGIES
-from pocketsd.runtime.chain import ComponentRunner
-from pocketsd.runtime.manifest import Chunk, Component, Parity, TensorSpec
+from pocketsd.runtime.manifest import Chunk, Component, TensorSpec
 from pocketsd.runtime.sessions import SessionOptions, open_chunk
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,9 @@ def write_component(captured: Captured, preset: Preset, bundle_dir: Path, *, pro
     folder = bundle_dir / cid
     folder.mkdir()
     gate, threshold = ParityGate(), preset.parity.threshold(cid)
-    chunks, sessions = [], []
+    # The end-to-end chain runs alongside, fed by onnxruntime's own outputs, so one chunk session is open at a time.
+    chained = {v: x.numpy() for v, x in zip(captured.summary.inputs, captured.example_inputs)}
+    chunks = []
     for cm in tqdm(chunk_modules, desc=f"  {cid}", unit="chunk", leave=False, disable=not progress):
         example = [values[v] for v in cm.plan.input_values]
         files = onnx_writer.write_chunk(cm.plan, cm.module, example, folder / f"{cm.plan.id}.onnx")
@@ -75,21 +76,17 @@ def write_component(captured: Captured, preset: Preset, bundle_dir: Path, *, pro
                       weight_bytes=cm.plan.weight_bytes, inputs=tuple(_spec(t) for t in cm.plan.inputs),
                       outputs=tuple(_spec(t) for t in cm.plan.outputs), modules=cm.plan.modules)
         session = open_chunk(bundle_dir, chunk, SessionOptions(verify_hashes=False))
-        got = session.run({t.name: x.numpy() for t, x in zip(cm.plan.inputs, example)})
+        names = [t.name for t in cm.plan.inputs]
+        got = session.run({n: x.numpy() for n, x in zip(names, example)})
         figures = compare_all([values[v].numpy() for v in cm.plan.output_values], [got[t.name] for t in cm.plan.outputs])
-        chunks.append(_with_parity(chunk, gate.check(cm.plan.id, figures, threshold)))
-        sessions.append(session)
+        chunks.append(replace(chunk, parity=gate.check(cm.plan.id, figures, threshold)))
+        got = session.run({n: chained[v] for n, v in zip(names, cm.plan.input_values)})
+        chained.update((v, got[t.name]) for v, t in zip(cm.plan.output_values, cm.plan.outputs))
+        del session
+    figures = compare_all([r.numpy() for r in captured.reference_outputs], [chained[v] for v in captured.summary.outputs])
     component = Component(id=cid, inputs=captured.inputs, outputs=tuple(_spec(t) for t in plan.outputs),
-                          chunks=tuple(chunks))
-    runner = ComponentRunner(component, sessions)
-    outputs = runner(**{t.name: x.numpy() for t, x in zip(captured.inputs, captured.example_inputs)})
-    figures = compare_all([r.numpy() for r in captured.reference_outputs], [outputs[t.name] for t in captured.outputs])
-    component = replace(component, parity=gate.check(f"{cid} (whole)", figures, threshold))
+                          chunks=tuple(chunks), parity=gate.check(f"{cid} (whole)", figures, threshold))
     log.info("%s: %d chunk(s), worst chunk PSNR %.1f dB, component PSNR %.1f dB", cid, len(chunks),
              min(c.parity.psnr_db for c in chunks), figures.psnr_db)
     gate.raise_if_failed()
     return component, plan
-
-
-def _with_parity(chunk: Chunk, parity: Parity) -> Chunk:
-    return replace(chunk, parity=parity)

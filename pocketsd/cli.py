@@ -53,6 +53,42 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import secrets
+
+    from tqdm import tqdm
+
+    from pocketsd.runtime.images import image_to_array, load_image, save_png
+    from pocketsd.runtime.pipeline import Pipeline
+    from pocketsd.runtime.schedulers import available
+
+    if args.scheduler is not None and args.scheduler not in available():
+        raise UserError(f"unknown scheduler {args.scheduler!r}", f"known: {', '.join(available())}", code="generate")
+    if args.init_image is None and args.strength is not None:
+        raise UserError("--strength needs --init-image", "add --init-image PNG, or drop --strength", code="generate")
+    pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, compute_units=args.compute_units)
+    init = load_image(args.init_image) if args.init_image else None
+    if init is not None:  # fail on a wrong size now, not after the prompt is encoded
+        image_to_array(init, pipe.manifest.dims["height"], pipe.manifest.dims["width"])
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    params = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "steps": args.steps,
+              "guidance": args.guidance, "scheduler": args.scheduler or pipe.default_scheduler, "seed": seed,
+              "bundle": pipe.manifest.model.get("name"), "preset": pipe.manifest.target.get("preset")}
+    if init is not None:
+        params.update(init_image=Path(args.init_image).name, strength=0.8 if args.strength is None else args.strength)
+    with tqdm(desc="generate", unit="step", disable=args.quiet) as bar:
+        def on_step(done: int, total: int, _latents: object) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        image = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                     guidance_scale=args.guidance, scheduler=params["scheduler"], seed=seed, image=init,
+                     strength=params.get("strength", 0.8), callback=on_step)
+    save_png(image, args.out, params)
+    print(f"wrote {args.out} (seed {seed})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pocketsd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
@@ -74,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the parity-check inputs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("generate", help="make an image from a bundle (numpy + onnxruntime only)")
+    p.add_argument("bundle")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (≤ 1: off)")
+    p.add_argument("--scheduler", help="ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm, pndm "
+                                       "(default: the model's own)")
+    p.add_argument("--seed", type=int, help="same seed, same bundle, same options → the same PNG, byte for byte")
+    p.add_argument("--init-image", help="img2img: start from this image (must be the bundle's size)")
+    p.add_argument("--strength", type=float, help="img2img: how much to change the init image, 0..1 (default 0.8)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: the preset's; 0 = all cores)")
+    p.add_argument("--compute-units", choices=("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"),
+                   help="CoreML bundles on macOS: where to run")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("inspect", help="show a bundle's components, chunks, sizes and parity figures")
     p.add_argument("bundle")

@@ -111,14 +111,14 @@ class Manifest:
             ) from None
 
     def all_files(self) -> list[FileRef]:
-        files = [f for f in self.tokenizer.get("files", {}).values()]
+        files: list[FileRef] = list(self.tokenizer.get("files", {}).values())
         if self.plan is not None:
             files.append(self.plan)
         for component in self.components.values():
             for chunk in component.chunks:
                 files.append(chunk.file)
                 files.extend(chunk.data_files)
-        return [FileRef(**f) if isinstance(f, dict) else f for f in files]
+        return files
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
@@ -190,7 +190,7 @@ def manifest_from_dict(d: dict[str, Any], where: str = MANIFEST_NAME) -> Manifes
             target=dict(d["target"]),
             dims={k: int(v) for k, v in d["dims"].items()},
             latent_scaling_factor=float(d["latent_scaling_factor"]),
-            tokenizer=dict(d["tokenizer"]),
+            tokenizer={**d["tokenizer"], "files": {k: _file(v) for k, v in d["tokenizer"].get("files", {}).items()}},
             scheduler=dict(d["scheduler"]),
             components={k: _component(v) for k, v in d["components"].items()},
             plan=_file(d["plan"]) if d.get("plan") else None,

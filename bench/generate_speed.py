@@ -1,0 +1,84 @@
+"""Time ``generate`` on a bundle: session load, text encoding, per UNet step, VAE decode, and peak memory.
+
+    python -m pocketsd.bench.generate_speed BUNDLE [--steps 10] [--threads 0] [--json out.json]
+
+Run it once per bundle in a fresh process: peak RSS (``getrusage``) covers the whole process, so a second bundle in
+the same process would report the first one's peak. Step times exclude the first step (warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux kilobytes
+
+
+def measure(bundle: Path, steps: int, threads: int | None, scheduler: str = "euler") -> dict[str, Any]:
+    from pocketsd.runtime.pipeline import Pipeline
+
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_bundle(bundle, threads=threads)
+    for component in ("text_encoder", "unet", "vae_decoder"):
+        pipe.runner(component)
+    load_s = time.perf_counter() - t0
+
+    pipe.encode_prompt("warm up")
+    t0 = time.perf_counter()
+    pipe.encode_prompt("a lighthouse on a cliff at sunset")
+    encode_s = time.perf_counter() - t0
+
+    marks: list[float] = []
+    t_start = time.perf_counter()
+    latents: list[np.ndarray] = []
+    pipe("a lighthouse on a cliff at sunset", num_inference_steps=steps, guidance_scale=7.5, scheduler=scheduler,
+         seed=0, output_type="np", callback=lambda done, total, x: (marks.append(time.perf_counter()),
+                                                                      latents.append(x)))
+    total_s = time.perf_counter() - t_start
+    step_s = np.diff(marks).tolist()
+    t0 = time.perf_counter()
+    pipe.decode(latents[-1])
+    decode_s = time.perf_counter() - t0
+    d = pipe.manifest.dims
+    return {
+        "bundle": str(bundle), "model": pipe.manifest.model.get("name"), "preset": pipe.manifest.target.get("preset"),
+        "resolution": f"{d['height']}x{d['width']}", "unet_batch": d["unet_batch"],
+        "unet_chunks": len(pipe.manifest.component("unet").chunks), "steps": steps, "scheduler": scheduler,
+        "threads": pipe.options.threads, "load_s": round(load_s, 3), "text_encode_s": round(encode_s, 4),
+        "step_s_median": round(statistics.median(step_s), 4) if step_s else None,
+        "step_s_mean": round(statistics.fmean(step_s), 4) if step_s else None,
+        "vae_decode_s": round(decode_s, 4), "generate_total_s": round(total_s, 3),
+        "peak_rss_mb": round(peak_rss_bytes() / 1e6, 1), "machine": f"{platform.machine()} {platform.system()}",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pocketsd.bench.generate_speed", description=__doc__)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--scheduler", default="euler")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    result = measure(args.bundle, args.steps, args.threads, args.scheduler)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

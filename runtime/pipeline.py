@@ -1,0 +1,183 @@
+"""txt2img and img2img over a bundle, in the diffusers style, with numpy + onnxruntime only.
+
+    pipe = Pipeline.from_bundle("sd15-cpu")
+    image = pipe("a lighthouse at dusk", num_inference_steps=20, seed=1)
+
+The steps follow ``diffusers.StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` operation for operation
+(prompt encoding, classifier-free guidance, scheduler loop, VAE scaling, image post-processing), so the same initial
+noise gives the same picture. Random draws come from a ``NoiseSource`` (a numpy Generator seeded by ``seed``), in the
+same order and shapes as diffusers draws them.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pocketsd.errors import BundleError, GenerateError
+from pocketsd.runtime.chain import ComponentRunner
+from pocketsd.runtime.hashing import sha256_path
+from pocketsd.runtime.images import image_to_array, to_pil
+from pocketsd.runtime.manifest import Manifest, load_manifest
+from pocketsd.runtime.schedulers import NoiseSource, SchedulerConfig, make_scheduler
+from pocketsd.runtime.sessions import SessionOptions, verify_chunk
+from pocketsd.runtime.tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+# diffusers scheduler classes → our numpy ports; a bundle's own scheduler is the default, as in diffusers.
+DEFAULT_SCHEDULERS = {
+    "PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpmpp_2m", "LCMScheduler": "lcm",
+}
+StepCallback = Callable[[int, int, np.ndarray], None]  # (step done, steps in total, latents)
+
+
+class Pipeline:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, options: SessionOptions) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = manifest
+        self.options = options
+        self._runners: dict[str, ComponentRunner] = {}
+        self.tokenizer = self._open_tokenizer()
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, *, threads: int | None = None, low_memory: bool | None = None,
+                    compute_units: str | None = None) -> "Pipeline":
+        manifest = load_manifest(path)
+        runtime = manifest.target.get("config", {}).get("runtime", {})
+        options = SessionOptions(
+            threads=int(runtime.get("threads", 0) if threads is None else threads),
+            low_memory=bool(runtime.get("low_memory", False) if low_memory is None else low_memory),
+            compute_units=compute_units or str(runtime.get("compute_units", "all")),
+        )
+        return cls(Path(path), manifest, options)
+
+    @property
+    def default_scheduler(self) -> str:
+        """The bundle's own scheduler where we have a port of it (as diffusers does), else Euler."""
+        return DEFAULT_SCHEDULERS.get(str(self.manifest.scheduler.get("class_name")), "euler")
+
+    # -- components ------------------------------------------------------------------------------------------------
+    def _open_tokenizer(self) -> ClipTokenizer:
+        files = self.manifest.tokenizer.get("files", {})
+        if "vocab.json" not in files:
+            raise BundleError(f"{self.bundle_dir}: the manifest names no tokenizer vocab.json", "re-export the bundle")
+        for ref in files.values():
+            if sha256_path(self.bundle_dir / ref.path) != ref.sha256:
+                raise BundleError(f"{self.bundle_dir / ref.path} does not match its sha256 in the manifest",
+                                  "re-export or re-copy the bundle")
+        folder = self.bundle_dir / Path(files["vocab.json"].path).parent
+        return ClipTokenizer.from_dir(folder, max_length=int(self.manifest.tokenizer["max_length"]))
+
+    def runner(self, component_id: str) -> ComponentRunner:
+        """The component's chain of chunk sessions, opened (and hash-checked) once, then reused."""
+        if component_id not in self._runners:
+            component = self.manifest.component(component_id)
+            self._runners[component_id] = ComponentRunner.open(self.bundle_dir, component, self.options)
+        return self._runners[component_id]
+
+    def verify(self) -> None:
+        """Check every chunk file of every component against the manifest's sha256 now, not on first use."""
+        for component in self.manifest.components.values():
+            for chunk in component.chunks:
+                verify_chunk(self.bundle_dir, chunk)
+
+    def encode_prompt(self, prompt: str) -> np.ndarray:
+        ids = self.tokenizer.encode([prompt])
+        return self.runner("text_encoder")(input_ids=ids)["last_hidden_state"]
+
+    def unet(self, sample: np.ndarray, timestep: float, context: np.ndarray) -> np.ndarray:
+        """One model call for every row of ``sample``: as many calls as the exported UNet batch needs. A batch-2
+        UNet without guidance (one row) gets the row twice and its first output kept."""
+        batch = int(self.manifest.dims["unet_batch"])
+        runner = self.runner("unet")
+        t = np.full((batch,), timestep, dtype=np.float32)
+        outputs = []
+        for start in range(0, sample.shape[0], batch):
+            rows = np.arange(start, start + batch).clip(max=sample.shape[0] - 1)
+            out = runner(sample=np.ascontiguousarray(sample[rows]), timestep=t,
+                         encoder_hidden_states=np.ascontiguousarray(context[rows]))["noise_pred"]
+            outputs.append(out[: min(batch, sample.shape[0] - start)])
+        return np.concatenate(outputs, axis=0)
+
+    # -- generation ------------------------------------------------------------------------------------------------
+    def __call__(self, prompt: str, negative_prompt: str | None = None, num_inference_steps: int = 20,
+                 guidance_scale: float = 7.5, scheduler: str | None = None, seed: int | None = None,
+                 latents: np.ndarray | None = None, image: Any = None, strength: float = 0.8, *,
+                 generator: NoiseSource | None = None, callback: StepCallback | None = None,
+                 output_type: str = "pil") -> Any:
+        """Generate one image. ``image`` switches to img2img (then ``latents`` is ignored and ``strength`` used).
+
+        ``seed`` seeds a numpy generator (drawn at random and recorded when omitted); ``generator`` replaces it with
+        any object that has ``standard_normal(shape, dtype)``. ``output_type``: ``pil`` or ``np`` (float32 HWC in
+        [0, 1]). ``callback(step, total, latents)`` runs after every step."""
+        if output_type not in ("pil", "np"):
+            raise GenerateError(f"unknown output_type {output_type!r}", "use 'pil' or 'np'")
+        sched = make_scheduler(scheduler or self.default_scheduler,
+                               SchedulerConfig.from_dict(self.manifest.scheduler["config"]))
+        if generator is None:
+            generator = np.random.default_rng(secrets.randbelow(2**31) if seed is None else int(seed))
+        negative = "" if negative_prompt is None else negative_prompt
+        guided = guidance_scale > 1.0
+        cond = self.encode_prompt(prompt)
+        context = np.concatenate([self.encode_prompt(negative), cond]) if guided else cond
+        schedule = sched.set_timesteps(num_inference_steps)
+        if image is not None:
+            start = schedule.start_index(strength)
+            if start >= len(schedule.timesteps):
+                raise GenerateError(f"strength {strength} with {num_inference_steps} steps leaves no step to run",
+                                    "raise --strength or --steps")
+            x = self._img2img_latents(image, sched, schedule, start, generator)
+        else:
+            start = 0
+            x = self._initial_latents(latents, generator) * np.float32(schedule.init_noise_sigma)
+        state = sched.initial_state()
+        total = len(schedule.timesteps) - start
+        for done, i in enumerate(range(start, len(schedule.timesteps)), start=1):
+            model_in = sched.scale_model_input(schedule, x, i)
+            if guided:
+                noise_uncond, noise_text = np.split(self.unet(np.concatenate([model_in] * 2), schedule.timesteps[i],
+                                                              context), 2)
+                noise = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
+            else:
+                noise = self.unet(model_in, schedule.timesteps[i], context)
+            x, state = sched.step(schedule, noise, i, x, state, generator)
+            if callback is not None:
+                callback(done, total, x)
+        pixels = self.decode(x)
+        return to_pil(pixels) if output_type == "pil" else pixels
+
+    def _latent_shape(self) -> tuple[int, int, int, int]:
+        d = self.manifest.dims
+        return 1, d["latent_channels"], d["latent_height"], d["latent_width"]
+
+    def _initial_latents(self, latents: np.ndarray | None, generator: NoiseSource) -> np.ndarray:
+        shape = self._latent_shape()
+        if latents is None:
+            return np.asarray(generator.standard_normal(shape, dtype=np.float32), dtype=np.float32)
+        latents = np.asarray(latents, dtype=np.float32)
+        if latents.shape != shape:
+            raise GenerateError(f"latents have shape {list(latents.shape)}, the bundle needs {list(shape)}")
+        return latents
+
+    def _img2img_latents(self, image: Any, sched: Any, schedule: Any, start: int, generator: NoiseSource) -> np.ndarray:
+        d = self.manifest.dims
+        pixels = image_to_array(image, d["height"], d["width"])
+        dist = self.runner("vae_encoder")(image=pixels)
+        mean, std = dist["latent_mean"], dist["latent_std"]
+        eps = np.asarray(generator.standard_normal(mean.shape, dtype=np.float32), dtype=np.float32)
+        init = (mean + std * eps) * np.float32(self.manifest.latent_scaling_factor)
+        noise = np.asarray(generator.standard_normal(init.shape, dtype=np.float32), dtype=np.float32)
+        return sched.add_noise(schedule, init, noise, start)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents → float32 HWC image in [0, 1], as diffusers' VAE decode and image post-processing."""
+        scaled = (latents / np.float32(self.manifest.latent_scaling_factor)).astype(np.float32)
+        image = self.runner("vae_decoder")(latent=scaled)["image"]
+        image = np.clip(image / 2 + 0.5, 0.0, 1.0)
+        return np.transpose(image[0], (1, 2, 0)).astype(np.float32)

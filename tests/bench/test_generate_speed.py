@@ -1,0 +1,21 @@
+"""The bench script reports every figure it promises (no timing thresholds: timings belong in bench output)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pocketsd.bench.generate_speed import main
+
+pytestmark = pytest.mark.export
+
+
+def test_generate_speed_writes_its_figures(tiny_bundle: Path, tmp_path: Path, capsys):
+    out = tmp_path / "speed.json"
+    assert main([str(tiny_bundle), "--steps", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["unet_chunks"] == 4 and result["resolution"] == "128x128"
+    for key in ("load_s", "text_encode_s", "step_s_median", "vae_decode_s", "peak_rss_mb"):
+        assert result[key] > 0, key
