@@ -42,16 +42,27 @@ def example_value(io: IOSpec, shape: tuple[int, ...], dims: Dims, generator: tor
     return torch.randn(shape, generator=generator, dtype=_TORCH_DTYPES[io.dtype])
 
 
+def example_inputs(spec: ComponentSpec, dims: Dims, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(example_value(io, spec.shape(io, dims), dims, generator) for io in spec.inputs)
+
+
+def run_component(spec: ComponentSpec, model: torch.nn.Module, examples: tuple[torch.Tensor, ...]
+                  ) -> tuple[torch.Tensor, ...]:
+    """The component's outputs in eager PyTorch (through its wrapper), always as a tuple."""
+    with torch.no_grad():
+        outputs = spec.make_wrapper(model).eval()(*examples)
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
 def capture(spec: ComponentSpec, model: torch.nn.Module, dims: Dims, seed: int = 0) -> Captured:
     wrapper = spec.make_wrapper(model).eval()
-    generator = torch.Generator().manual_seed(seed)
-    examples = tuple(example_value(io, spec.shape(io, dims), dims, generator) for io in spec.inputs)
+    examples = example_inputs(spec, dims, seed)
     log.info("capturing %s with torch.export at %s", spec.id, [tuple(x.shape) for x in examples])
     with torch.no_grad():
         exported = torch.export.export(wrapper, examples, strict=False)
         graph_module = exported.module(check_guards=False)
-        reference = wrapper(*examples)
-    reference = reference if isinstance(reference, tuple) else (reference,)
+    reference = run_component(spec, model, examples)
     inputs = tuple(TensorSpec(io.name, io.dtype, tuple(x.shape)) for io, x in zip(spec.inputs, examples))
     outputs = tuple(TensorSpec(io.name, io.dtype, tuple(y.shape)) for io, y in zip(spec.outputs, reference))
     summary = summarize(spec.id, graph_module)

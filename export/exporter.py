@@ -115,6 +115,20 @@ def export_bundle(request: ExportRequest) -> Path:
     return out
 
 
+def _prepare_for_coreml(component_id: str, model: Any, dims: Dims, preset: Preset, seed: int
+                        ) -> tuple[Any, dict[str, int], set[str], dict[str, Any]]:
+    """Attention form, then compression (before capture and cut); returns what the planner and writer need."""
+    from pocketsd.export.components.attention import set_attention
+    from pocketsd.export.compress_component import compress_component, stored_bytes_only
+
+    set_attention(model, preset.coreml.attention)
+    config = preset.coreml.compression.get(component_id)
+    if config is None:
+        return model, stored_bytes_only(model, preset.precision), set(), {}
+    done = compress_component(SD_COMPONENTS[component_id], model, dims, config, preset.precision, seed)
+    return done.model, done.stored_bytes, done.compressed, {"compression": done.report}
+
+
 def _export_into(folder: ModelFolder, source: str, request: ExportRequest, staging: Path) -> Manifest:
     preset = request.preset
     dims = resolve_dims(folder, preset)
@@ -122,10 +136,15 @@ def _export_into(folder: ModelFolder, source: str, request: ExportRequest, stagi
     bar = tqdm(total=len(preset.components), desc="export", unit="component", disable=not request.progress)
     with bar:
         for component_id, model in _modules(folder, preset.components):
-            spec = SD_COMPONENTS[component_id]
             bar.set_postfix_str(component_id)
-            captured = capture(spec, model, dims, seed=request.seed)
-            component, plan = write_component(captured, preset, staging, progress=request.progress)
+            extra: dict[str, Any] = {}
+            weight_bytes, compressed = None, set()
+            if preset.backend == "coreml":
+                model, weight_bytes, compressed, extra = _prepare_for_coreml(component_id, model, dims, preset,
+                                                                             request.seed)
+            captured = capture(SD_COMPONENTS[component_id], model, dims, seed=request.seed)
+            component, plan = write_component(captured, preset, staging, progress=request.progress,
+                                              weight_bytes=weight_bytes, compressed=compressed, extra=extra)
             components[component_id], plans[component_id] = component, plan.to_dict()
             bar.update()
     vae = folder.config("vae")

@@ -49,6 +49,10 @@ def compare_all(references: Sequence[np.ndarray], actuals: Sequence[np.ndarray])
 @dataclass
 class ParityGate:
     rows: list[tuple[str, Figures, float]] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # non-numeric failures (a file not as promised)
+
+    def fail(self, what: str, problem: str) -> None:
+        self.problems.append((what, problem))
 
     def check(self, what: str, figures: Figures, min_psnr_db: float) -> Parity:
         self.rows.append((what, figures, min_psnr_db))
@@ -60,6 +64,12 @@ class ParityGate:
 
     def raise_if_failed(self) -> None:
         failed = self.failures
+        if self.problems:
+            lines = [f"{what:<28} {problem}" for what, problem in self.problems]
+            raise ParityError(f"{len(self.problems)} written file(s) are not what the manifest promises "
+                              f"(first: {self.problems[0][0]}: {self.problems[0][1]})",
+                              "this is likely a converter problem; please report it with the table below",
+                              details="\n".join(lines))
         if not failed:
             return
         lines = [f"{'what':<28} {'PSNR dB':>9} {'needs':>7} {'max abs':>10}"]

@@ -8,7 +8,7 @@ file, the key path and what is allowed. Nothing is warned about and dropped. CLI
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -40,6 +40,32 @@ class RuntimeConfig:
     low_memory: bool = False
 
 
+COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
+ATTENTION_FORMS = ("original", "split_einsum")
+DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
+
+
+@dataclass(frozen=True)
+class CoreMLConfig:
+    deployment_target: str = "iOS17"
+    compute_units: str = "all"  # the runtime's default on macOS
+    attention: str = "original"  # attention::original (GPU) or attention::split_einsum (Neural Engine)
+    compression: Mapping[str, Any] = field(default_factory=dict)  # component id → CompressionConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"deployment_target": self.deployment_target, "compute_units": self.compute_units,
+                "attention": self.attention,
+                "compression": {k: _plain(asdict(v)) for k, v in self.compression.items()}}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -53,7 +79,7 @@ class Preset:
     split: Mapping[str, SplitRequest] = field(default_factory=dict)
     parity: ParityConfig = field(default_factory=ParityConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    coreml: Mapping[str, Any] = field(default_factory=dict)
+    coreml: CoreMLConfig = field(default_factory=CoreMLConfig)
 
     def split_for(self, component: str) -> SplitRequest:
         return self.split.get(component, self.split.get("default", SplitRequest()))
@@ -65,7 +91,7 @@ class Preset:
             "components": list(self.components),
             "split": {k: {f: v for f, v in vars(r).items() if v is not None} for k, r in self.split.items()},
             "parity": {"min_psnr_db": self.parity.min_psnr_db, "per_component": dict(self.parity.per_component)},
-            "runtime": vars(self.runtime), "coreml": dict(self.coreml),
+            "runtime": vars(self.runtime), **({"coreml": self.coreml.to_dict()} if self.backend == "coreml" else {}),
         }
 
 
@@ -158,9 +184,9 @@ def preset_from_dict(data: Any, source: str) -> Preset:
     run = top.child("runtime")
     run.only(("threads", "low_memory"))
     low = run.choice("low_memory", (True, False), False)
-    coreml = top.data.get("coreml") or {}
-    if coreml and backend != "coreml":
+    if top.data.get("coreml") and backend != "coreml":
         top.at("coreml").fail("is set but backend is not coreml", "remove it or set backend: coreml")
+    coreml = _coreml_config(top.child("coreml"), components) if backend == "coreml" else CoreMLConfig()
     return Preset(
         name=str(top.data.get("name") or Path(source).stem), source=source, backend=backend, precision=precision,
         description=str(top.data.get("description", "")),
@@ -168,7 +194,22 @@ def preset_from_dict(data: Any, source: str) -> Preset:
         unet_batch=top.choice("unet_batch", (1, 2), 2), components=components, split=split,
         parity=ParityConfig(par.number("min_psnr_db", 60.0, float),
                             {k: per.number(k, 0.0, float) for k in per.data}),
-        runtime=RuntimeConfig(run.number("threads", 0, int), low), coreml=dict(coreml),
+        runtime=RuntimeConfig(run.number("threads", 0, int), low), coreml=coreml,
+    )
+
+
+def _coreml_config(reader: _Reader, components: tuple[str, ...]) -> CoreMLConfig:
+    reader.only(("deployment_target", "compute_units", "attention", "compression"))
+    target = reader.choice("deployment_target", DEPLOYMENT_TARGETS, "iOS17")
+    compression = reader.child("compression")
+    compression.only(components)
+    from pocketsd.export.compression import parse_compression
+
+    return CoreMLConfig(
+        deployment_target=target, compute_units=reader.choice("compute_units", COMPUTE_UNITS, "all"),
+        attention=reader.choice("attention", ATTENTION_FORMS, "original"),
+        compression={c: parse_compression(compression.data[c], f"{reader.source}: {compression.path}.{c}", target)
+                     for c in compression.data},
     )
 
 

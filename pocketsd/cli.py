@@ -89,6 +89,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_apple_resources(args: argparse.Namespace) -> int:
+    from pocketsd.apple.resources import write_resources
+
+    report = write_resources(args.bundle, args.out, compile_models=not args.no_compile)
+    print(f"wrote Apple Resources layout to {args.out}")
+    for name, state in report["files"].items():
+        print(f"  {name}: {state}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pocketsd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
@@ -129,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_generate)
 
+    p = sub.add_parser("apple-resources", help="lay a CoreML bundle out as the Resources folder of Apple's Swift "
+                                               "StableDiffusionPipeline")
+    p.add_argument("bundle")
+    p.add_argument("--out", required=True, help="Resources folder to create")
+    p.add_argument("--no-compile", action="store_true", help="leave .mlpackage files (no .mlmodelc even on macOS)")
+    p.set_defaults(run=cmd_apple_resources)
+
     p = sub.add_parser("inspect", help="show a bundle's components, chunks, sizes and parity figures")
     p.add_argument("bundle")
     p.add_argument("--json", action="store_true", help="print the same as JSON")
@@ -140,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # on import off macOS it warns that it cannot run models, which we say where it matters
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)

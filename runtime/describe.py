@@ -49,6 +49,23 @@ def _db(x: float | None) -> str:
     return "        -" if x is None else f"{x:9.1f}"
 
 
+def _notes(extra: dict[str, Any]) -> list[str]:
+    lines = []
+    compression = extra.get("compression")
+    if compression:
+        modes = ", ".join(f"{mode} ×{n}" for mode, n in compression["modes"].items()) or "none"
+        lines.append(f"{'':<16} compression: {modes} layers; simulated PSNR {compression['psnr_db']:.1f} dB "
+                     f"(PyTorch); {compression['stored_weight_bytes'] / 1e6:.2f} MB stored of "
+                     f"{compression['fp32_weight_bytes'] / 1e6:.2f} MB fp32")
+        mixed = compression.get("mixed_bit")
+        if mixed:
+            bits = ", ".join(f"{b}-bit ×{n}" for b, n in mixed["bits_histogram"].items())
+            lines.append(f"{'':<16} mixed-bit: {bits}; average {mixed['average_bits']:.2f} bits")
+    if extra.get("parity_not_run"):
+        lines.append(f"{'':<16} parity: {extra['parity_not_run']}")
+    return lines
+
+
 def format_table(info: dict[str, Any]) -> str:
     dims, target = info["dims"], info["target"]
     lines = [
@@ -67,9 +84,11 @@ def format_table(info: dict[str, Any]) -> str:
             lines.append(f"{ch['id']:<16} {ch['format']:<9} {_mb(ch['bytes'])} {_mb(ch['weight_bytes']):>10} "
                          f"{_db(ch['psnr_db'])} {max_abs:>10}  {mods}")
         max_abs = "-" if comp["max_abs"] is None else f"{comp['max_abs']:.2e}"
+        needs = "" if comp["min_psnr_db"] is None else f"needs ≥ {comp['min_psnr_db']} dB"
         lines.append(f"{comp['id'] + ' (all)':<16} {'':<9} {_mb(comp['bytes'])} {'':>10} {_db(comp['psnr_db'])} "
-                     f"{max_abs:>10}  needs ≥ {comp['min_psnr_db']} dB")
+                     f"{max_abs:>10}  {needs}".rstrip())
         if comp["plan"].get("reason"):
             lines.append(f"{'':<16} plan: {comp['plan']['reason']}")
+        lines += _notes(comp.get("extra", {}))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -49,11 +49,12 @@ class Pipeline:
     def from_bundle(cls, path: str | Path, *, threads: int | None = None, low_memory: bool | None = None,
                     compute_units: str | None = None) -> "Pipeline":
         manifest = load_manifest(path)
-        runtime = manifest.target.get("config", {}).get("runtime", {})
+        config = manifest.target.get("config", {})
+        runtime = config.get("runtime", {})
         options = SessionOptions(
             threads=int(runtime.get("threads", 0) if threads is None else threads),
             low_memory=bool(runtime.get("low_memory", False) if low_memory is None else low_memory),
-            compute_units=compute_units or str(runtime.get("compute_units", "all")),
+            compute_units=compute_units or str(config.get("coreml", {}).get("compute_units", "all")),
         )
         return cls(Path(path), manifest, options)
 
@@ -88,8 +89,10 @@ class Pipeline:
                 verify_chunk(self.bundle_dir, chunk)
 
     def encode_prompt(self, prompt: str) -> np.ndarray:
-        ids = self.tokenizer.encode([prompt])
-        return self.runner("text_encoder")(input_ids=ids)["last_hidden_state"]
+        """Text states (1, S, C) for one prompt; the ids go in as the bundle's dtype (int64, or float32 for CoreML)."""
+        runner = self.runner("text_encoder")
+        ids = self.tokenizer.encode([prompt]).astype(runner.component.inputs[0].dtype)
+        return runner(input_ids=ids)["last_hidden_state"]
 
     def unet(self, sample: np.ndarray, timestep: float, context: np.ndarray) -> np.ndarray:
         """One model call for every row of ``sample``: as many calls as the exported UNet batch needs. A batch-2
@@ -97,6 +100,9 @@ class Pipeline:
         batch = int(self.manifest.dims["unet_batch"])
         runner = self.runner("unet")
         t = np.full((batch,), timestep, dtype=np.float32)
+        layout = {spec.name: spec for spec in runner.component.inputs}["encoder_hidden_states"]
+        if len(layout.shape) == 4:  # Apple's (B, C, 1, S) layout
+            context = context.transpose(0, 2, 1)[:, :, None, :]
         outputs = []
         for start in range(0, sample.shape[0], batch):
             rows = np.arange(start, start + batch).clip(max=sample.shape[0] - 1)
@@ -168,8 +174,10 @@ class Pipeline:
     def _img2img_latents(self, image: Any, sched: Any, schedule: Any, start: int, generator: NoiseSource) -> np.ndarray:
         d = self.manifest.dims
         pixels = image_to_array(image, d["height"], d["width"])
-        dist = self.runner("vae_encoder")(image=pixels)
-        mean, std = dist["latent_mean"], dist["latent_std"]
+        moments = self.runner("vae_encoder")(x=pixels)["latent"]
+        mean, logvar = np.split(moments, 2, axis=1)
+        # diffusers' DiagonalGaussianDistribution: clamp the log-variance, std = exp(logvar / 2)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0)).astype(np.float32)
         eps = np.asarray(generator.standard_normal(mean.shape, dtype=np.float32), dtype=np.float32)
         init = (mean + std * eps) * np.float32(self.manifest.latent_scaling_factor)
         noise = np.asarray(generator.standard_normal(init.shape, dtype=np.float32), dtype=np.float32)
@@ -178,6 +186,6 @@ class Pipeline:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents → float32 HWC image in [0, 1], as diffusers' VAE decode and image post-processing."""
         scaled = (latents / np.float32(self.manifest.latent_scaling_factor)).astype(np.float32)
-        image = self.runner("vae_decoder")(latent=scaled)["image"]
+        image = self.runner("vae_decoder")(z=scaled)["image"]
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
         return np.transpose(image[0], (1, 2, 0)).astype(np.float32)

@@ -1,7 +1,7 @@
 """Sessions that run one chunk file: the backend interface and its onnxruntime implementation.
 
-A backend is a callable ``(path, options) -> ChunkSession`` registered under the chunk's manifest ``format``.
-The CoreML backend (macOS) registers itself from ``coreml_session.py``; nothing here imports it eagerly.
+A backend is a callable ``(path, chunk, options) -> ChunkSession`` registered under the chunk's manifest ``format``.
+The CoreML backend (usable on macOS) is imported only when a CoreML chunk is opened.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ class ChunkSession(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-Backend = Callable[[Path, SessionOptions], ChunkSession]
+Backend = Callable[[Path, Chunk, SessionOptions], ChunkSession]
 BACKENDS: Registry[Backend] = Registry("backend", BundleError)
 
 
 class OnnxSession:
-    def __init__(self, path: Path, options: SessionOptions) -> None:
+    def __init__(self, path: Path, options: SessionOptions, chunk: Chunk | None = None) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -55,13 +55,17 @@ class OnnxSession:
         return dict(zip(self._outputs, self._session.run(self._outputs, feeds)))
 
 
-BACKENDS.register("onnx")(OnnxSession)
+def _onnx_backend(path: Path, chunk: Chunk, options: SessionOptions) -> ChunkSession:
+    return OnnxSession(path, options, chunk)
 
 
-def _coreml_backend(path: Path, options: SessionOptions) -> ChunkSession:
-    from pocketsd.runtime.coreml_session import CoreMLSession  # macOS only; raises a clear error elsewhere
+def _coreml_backend(path: Path, chunk: Chunk, options: SessionOptions) -> ChunkSession:
+    from pocketsd.runtime.coreml_session import CoreMLSession  # usable on macOS only; a clear error elsewhere
 
-    return CoreMLSession(path, options)
+    return CoreMLSession(path, chunk, options.compute_units)
+
+
+BACKENDS.register("onnx")(_onnx_backend)
 
 
 BACKENDS.register("mlpackage")(_coreml_backend)
@@ -82,4 +86,4 @@ def open_chunk(bundle_dir: Path, chunk: Chunk, options: SessionOptions) -> Chunk
     if options.verify_hashes:
         verify_chunk(bundle_dir, chunk)
     log.debug("opening %s (%s)", chunk.id, chunk.file.path)
-    return BACKENDS.get(chunk.format)(bundle_dir / chunk.file.path, options)
+    return BACKENDS.get(chunk.format)(bundle_dir / chunk.file.path, chunk, options)

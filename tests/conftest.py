@@ -31,3 +31,15 @@ def tiny_bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-cpu"
     return export_bundle(ExportRequest(str(tiny_model_dir), load_preset("cpu"), out, progress=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_iphone_bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with the iphone preset (6-bit palettized UNet, CoreML), UNet in Apple's two-chunk form."""
+    pytest.importorskip("coremltools")
+    from pocketsd.export.exporter import ExportRequest, export_bundle
+    from pocketsd.export.preset import load_preset, with_overrides
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-iphone"
+    preset = with_overrides(load_preset("iphone"), {"unet": 2})
+    return export_bundle(ExportRequest(str(tiny_model_dir), preset, out, progress=False))

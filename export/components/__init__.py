@@ -9,4 +9,6 @@ SD_COMPONENTS: dict[str, ComponentSpec] = {
     spec.id: spec for spec in (text_encoder.SPEC, unet.SPEC, vae_decoder.SPEC, vae_encoder.SPEC)
 }
 
+
+
 __all__ = ["SD_COMPONENTS", "ComponentSpec", "Dims", "IOSpec"]

@@ -52,6 +52,8 @@ class Dims:
             return 3
         if name == "one":
             return 1
+        if name == "moments":  # mean and log-variance of each latent channel
+            return 2 * self.latent_channels
         value = getattr(self, name, None)
         if not isinstance(value, int):
             raise KeyError(f"unknown dimension name {name!r}")

@@ -1,6 +1,8 @@
 """UNet: (noisy latents, timestep, text states) → the model output (epsilon or v, per the scheduler config).
 
-The batch is the preset's ``unet_batch``: 2 runs classifier-free guidance as one call, 1 as two calls.
+The batch is the preset's ``unet_batch``: 2 runs classifier-free guidance as one call, 1 as two calls. The text
+states come in Apple's (B, C, 1, S) layout, which the Neural Engine prefers and the Swift pipeline passes, in every
+backend, so one contract (names, shapes, chunk boundaries) holds for ONNX and CoreML alike.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ class UNetWrapper(torch.nn.Module):
         setattr(self, WRAPPED, unet)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return getattr(self, WRAPPED)(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        # Apple's (batch, channels, 1, sequence) layout → diffusers' (batch, sequence, channels)
+        context = encoder_hidden_states.squeeze(2).transpose(1, 2)
+        return getattr(self, WRAPPED)(sample, timestep, context, return_dict=False)[0]
 
 
 SPEC = ComponentSpec(
@@ -25,7 +29,7 @@ SPEC = ComponentSpec(
     inputs=(
         IOSpec("sample", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),
         IOSpec("timestep", "float32", ("batch",), example="timestep"),
-        IOSpec("encoder_hidden_states", "float32", ("batch", "text_length", "text_hidden")),
+        IOSpec("encoder_hidden_states", "float32", ("batch", "text_hidden", "one", "text_length")),
     ),
     outputs=(IOSpec("noise_pred", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
     make_wrapper=UNetWrapper,

@@ -1,4 +1,4 @@
-"""VAE decoder: unscaled latents (already divided by the scaling factor) → image in [-1, 1]."""
+"""VAE decoder: ``z`` (latents already divided by the scaling factor) → ``image`` in [-1, 1] (Apple's names)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ class VaeDecoderWrapper(torch.nn.Module):
         super().__init__()
         setattr(self, WRAPPED, vae)
 
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return getattr(self, WRAPPED).decode(latent, return_dict=False)[0]
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return getattr(self, WRAPPED).decode(z, return_dict=False)[0]
 
 
 SPEC = ComponentSpec(
     id="vae_decoder",
     subfolder="vae",
-    inputs=(IOSpec("latent", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
+    inputs=(IOSpec("z", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
     outputs=(IOSpec("image", "float32", ("batch", "image_channels", "height", "width")),),
     make_wrapper=VaeDecoderWrapper,
 )

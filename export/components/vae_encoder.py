@@ -1,6 +1,7 @@
-"""VAE encoder: image in [-1, 1] → the latent distribution's mean and standard deviation (unscaled).
+"""VAE encoder: image ``x`` in [-1, 1] → ``latent``, the latent distribution's mean and log-variance stacked on the
+channel axis (Apple's names and layout; diffusers' ``DiagonalGaussianDistribution`` parameters, unscaled).
 
-The runtime samples ``mean + std * noise`` itself, so its random draws stay in numpy.
+The runtime samples ``mean + exp(logvar / 2) * noise`` itself, so its random draws stay in numpy.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ class VaeEncoderWrapper(torch.nn.Module):
         super().__init__()
         setattr(self, WRAPPED, vae)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = getattr(self, WRAPPED).encode(image, return_dict=False)[0]
-        return dist.mean, dist.std
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dist = getattr(self, WRAPPED).encode(x, return_dict=False)[0]
+        return torch.cat([dist.mean, dist.logvar], dim=1)
 
 
-_LATENT = ("batch", "latent_channels", "latent_height", "latent_width")
 SPEC = ComponentSpec(
     id="vae_encoder",
     subfolder="vae",
-    inputs=(IOSpec("image", "float32", ("batch", "image_channels", "height", "width"), example="image"),),
-    outputs=(IOSpec("latent_mean", "float32", _LATENT), IOSpec("latent_std", "float32", _LATENT)),
+    inputs=(IOSpec("x", "float32", ("batch", "image_channels", "height", "width"), example="image"),),
+    outputs=(IOSpec("latent", "float32", ("batch", "moments", "latent_height", "latent_width")),),
     make_wrapper=VaeEncoderWrapper,
 )

@@ -1,0 +1,35 @@
+"""``writer::onnx``: each chunk as an .onnx file (external data only past protobuf's 2 GB limit)."""
+
+from __future__ import annotations
+
+import torch
+
+from pocketsd.export import onnx_writer
+from pocketsd.export.bundle_files import file_ref
+from pocketsd.export.slicing import ChunkModule
+from pocketsd.export.write_component import WRITERS, ComponentJob, spec_of
+from pocketsd.runtime.manifest import Chunk
+from pocketsd.runtime.sessions import SessionOptions
+
+
+class OnnxChunkWriter:
+    format = "onnx"
+
+    def __init__(self, job: ComponentJob) -> None:
+        self.job = job
+
+    def write(self, job: ComponentJob, cm: ChunkModule, example: list[torch.Tensor]) -> Chunk:
+        files = onnx_writer.write_chunk(cm.plan, cm.module, example, job.folder / f"{cm.plan.id}.onnx")
+        refs = [file_ref(job.bundle_dir, f) for f in files]
+        return Chunk(id=cm.plan.id, format=self.format, file=refs[0], data_files=tuple(refs[1:]),
+                     weight_bytes=cm.plan.weight_bytes, inputs=tuple(spec_of(t) for t in cm.plan.inputs),
+                     outputs=tuple(spec_of(t) for t in cm.plan.outputs), modules=cm.plan.modules)
+
+    def runnable(self) -> str | None:
+        return None
+
+    def session_options(self) -> SessionOptions:
+        return SessionOptions(verify_hashes=False)
+
+
+WRITERS.register("onnx")(OnnxChunkWriter)

@@ -1,0 +1,397 @@
+"""CoreML weight compression in PyTorch: palettes, int8 grids, the three config levels, sizes, conversion, mixed bits."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import math
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ct = pytest.importorskip("coremltools")
+pytestmark = pytest.mark.export
+
+from torch import nn  # noqa: E402
+
+from pocketsd.errors import PresetError  # noqa: E402
+from pocketsd.export.compression import (CompressionConfig, LayerCompression, compress,  # noqa: E402
+                                         compression_buffers, parse_compression, resolve_layers,
+                                         simulated_psnr, stored_weight_bytes)
+from pocketsd.export.mixed_bit import choose_mixed_bits  # noqa: E402
+
+LUT, SCALE, KIND = "_COREML_/weight/lut", "_COREML_/weight/quantization_scale", "_COREML_/weight/compression_type"
+
+
+class Small(nn.Module):
+    """conv_a is below the default threshold (4·8·9 = 288 weights); the rest are above it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv_b = nn.Conv2d(8, 32, 3, padding=1)
+        self.proj = nn.Linear(32, 96)
+        self.out = nn.Linear(96, 32)
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_b(torch.relu(self.conv_a(x)))  # [B, 32, H, W]
+        h = h.flatten(2).transpose(1, 2)  # [B, HW, 32]
+        return self.norm(h + self.out(torch.nn.functional.gelu(self.proj(h))))
+
+
+def small() -> Small:
+    torch.manual_seed(0)
+    return Small().eval()
+
+
+SMALL_INPUT = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32).eval()
+
+
+_g = torch.Generator().manual_seed(1)
+UNET_INPUTS = (torch.randn(1, 4, 16, 16, generator=_g), torch.tensor([10.0]), torch.randn(1, 77, 32, generator=_g))
+
+
+def run_unet(model):  # autograd stays on: choose_mixed_bits ranks layers with gradients
+    return [model(*UNET_INPUTS, return_dict=False)[0]]
+
+
+def run_small(model):
+    return [model(SMALL_INPUT)]
+
+
+def assert_fp16_exact(t: torch.Tensor) -> None:
+    assert torch.equal(t, t.half().float())
+
+
+def config(**global_config) -> CompressionConfig:
+    return CompressionConfig(global_config=LayerCompression(**global_config))
+
+
+# --------------------------------------------------------------------------------------------- palettes and grids
+@pytest.mark.parametrize("nbits", [2, 4, 6, 8])
+def test_per_tensor_palette_has_at_most_2_pow_n_fp16_values(nbits: int):
+    model = small()
+    layers = resolve_layers(model, config(mode="palettize", nbits=nbits))
+    assert sorted(layers) == ["conv_b", "out", "proj"]  # conv_a is below the 2048-weight threshold
+    assert compress(model, layers) is model
+    for name in layers:
+        module = model.get_submodule(name)
+        weight, lut = module.weight.detach(), compression_buffers(module)[LUT]
+        assert weight.unique().numel() <= 2 ** nbits
+        assert lut.shape == (1,) * weight.dim() + (2 ** nbits, 1)
+        assert set(weight.unique().tolist()) <= set(lut.flatten().tolist())
+        assert_fp16_exact(weight)
+        assert_fp16_exact(lut)
+    assert KIND not in compression_buffers(model.conv_a)
+    for param in model.parameters():  # the uncompressed ones too (NOTES gotcha F)
+        assert_fp16_exact(param.detach())
+
+
+def test_grouped_palette_per_group_of_output_channels_on_tiny_unet():
+    model = tiny_unet()
+    layers = resolve_layers(model, config(mode="palettize", nbits=4, granularity="per_grouped_channel", group_size=8))
+    assert "conv_out" not in layers  # 4 output channels: a group size of 8 cannot divide them
+    assert len(layers) > 40
+    compress(model, layers)
+    for name in layers:
+        module = model.get_submodule(name)
+        weight, lut = module.weight.detach(), compression_buffers(module)[LUT]
+        assert lut.shape[0] == weight.shape[0] // 8 and lut.shape[-2:] == (16, 1)
+        for group in weight.reshape(weight.shape[0] // 8, -1):
+            assert group.unique().numel() <= 16
+        assert_fp16_exact(weight)
+
+
+def test_linear_int8_is_int8_times_fp16_scale_per_output_channel():
+    model = small()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    layers = resolve_layers(model, config(mode="linear_int8"))
+    assert layers["proj"] == LayerCompression("linear_int8", 8, "per_channel")
+    compress(model, layers)
+    for name in layers:
+        module = model.get_submodule(name)
+        weight, scale = module.weight.detach(), compression_buffers(module)[SCALE]
+        assert scale.numel() == weight.shape[0]
+        scale = scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+        assert_fp16_exact(scale)
+        q = torch.round(weight / scale)
+        assert q.abs().max() <= 128
+        assert torch.equal(weight, (q.half() * scale.half()).float())  # fp16 × fp16, as CoreML dequantizes
+        before = original[f"{name}.weight"]  # off by half a step, the fp16 scale's error and the fp16 product's
+        assert ((weight - before).abs() <= scale * (0.5 + 128 * 2 ** -11) + before.abs() * 2 ** -11).all()
+
+
+def test_palettized_tiny_unet_psnr_grows_with_bits():
+    reference = run_unet(tiny_unet())
+    psnr = {}
+    for nbits in (2, 4):
+        model = tiny_unet()
+        compress(model, resolve_layers(model, config(mode="palettize", nbits=nbits)))
+        psnr[nbits] = simulated_psnr(reference, run_unet(model))
+    assert 5 < psnr[2] < psnr[4] < 60
+
+
+def test_compress_nothing_is_a_no_op_and_recompressing_replaces():
+    model = small()
+    before = copy.deepcopy(model.state_dict())
+    assert compress(model, {}) is model
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    compress(model, {"proj": LayerCompression("palettize", 8)})
+    compress(model, {"proj": LayerCompression("palettize", 2)})
+    assert compression_buffers(model.proj)[KIND].tolist() == [2]
+    assert model.proj.weight.unique().numel() <= 4
+    compress(model, {"proj": LayerCompression("linear_int8")})
+    assert LUT not in compression_buffers(model.proj) and compression_buffers(model.proj)[KIND].tolist() == [3]
+
+
+# --------------------------------------------------------------------------------------------- config levels
+def test_three_levels_global_then_op_type_then_op_name():
+    model = tiny_unet()
+    cfg = parse_compression({
+        "global": {"mode": "palettize", "nbits": 6},
+        "op_type": {"Conv2d": {"mode": "linear_int8"}},
+        "op_name": {"conv_in": None, "down_blocks.0.attentions.0.proj_in": {"mode": "palettize", "nbits": 4},
+                    "time_embedding.linear_1": {"mode": "palettize", "nbits": 8}},
+        "weight_threshold": 4096,
+    }, "test.yaml: coreml.compression.unet", "iOS17")
+    layers = resolve_layers(model, cfg)
+    modules = dict(model.named_modules())
+    assert "conv_in" not in layers  # op_name null
+    assert layers["down_blocks.0.attentions.0.proj_in"] == LayerCompression("palettize", 4)  # op_name beats op_type
+    assert layers["time_embedding.linear_1"] == LayerCompression("palettize", 8)  # 4·128 weights: named, so kept
+    assert layers["down_blocks.1.resnets.0.conv1"] == LayerCompression("linear_int8", 8, "per_channel")  # op_type
+    assert "conv_out" not in layers  # 4·64·9 weights: below the threshold
+    assert layers["down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"] == LayerCompression("palettize", 6)
+    for name, module in modules.items():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and name not in cfg.op_name:
+            assert (name in layers) == (module.weight.numel() >= 4096), name
+    no_conv = parse_compression({"global": {"mode": "palettize", "nbits": 4}, "op_type": {"Conv2d": None}}, "t", "iOS17")
+    assert all(isinstance(modules[n], nn.Linear) for n in resolve_layers(model, no_conv))
+
+
+def test_unknown_op_name_lists_real_paths():
+    cfg = parse_compression({"global": {"mode": "palettize", "nbits": 4}, "op_name": {"down_blocks.0.attention": None}},
+                            "test.yaml: coreml.compression.unet", "iOS17")
+    with pytest.raises(PresetError) as error:
+        resolve_layers(tiny_unet(), cfg)
+    assert "test.yaml: coreml.compression.unet.op_name.down_blocks.0.attention" in error.value.message
+    assert "down_blocks.0.attentions.0" in error.value.hint
+
+
+@pytest.mark.parametrize("data, path, hint", [
+    ({"globl": {}}, "u.globl", "allowed: global, op_type"),
+    ({"global": {"mode": "palettise", "nbits": 4}}, "u.global.mode", "palettize, linear_int8"),
+    ({"global": {"mode": "palettize"}}, "u.global.nbits", "2, 3, 4, 6, 8"),
+    ({"global": {"mode": "palettize", "nbits": 5}}, "u.global.nbits", "2, 3, 4, 6, 8"),
+    ({"global": {"mode": "linear_int8", "nbits": 4}}, "u.global.nbits", "8"),
+    ({"global": {"mode": "linear_int8", "granularity": "per_tensor"}}, "u.global.granularity", "per_channel"),
+    ({"global": {"mode": "palettize", "nbits": 4, "granularity": "per_grouped_channel"}}, "u.global.group_size",
+     "group_size > 0"),
+    ({"global": {"mode": "palettize", "nbits": 4, "group_size": 8}}, "u.global.group_size", "per_grouped_channel"),
+    ({"op_type": {"Conv1d": None}}, "u.op_type.Conv1d", "Linear, Conv2d"),
+    ({"op_name": {"conv_in": {"mode": "palettize", "nbits": 4, "lut": 1}}}, "u.op_name.conv_in.lut", "allowed"),
+    ({"weight_threshold": -1}, "u.weight_threshold", ">= 0"),
+    ({"mixed_bit": {"bits": [4], "min_psnr_db": 30}}, "u.mixed_bit.bits", "at least two"),
+    ({"mixed_bit": {"bits": [4, 5], "min_psnr_db": 30}}, "u.mixed_bit.bits", "at least two"),
+    ({"mixed_bit": {"bits": [4, 8]}}, "u.mixed_bit.min_psnr_db", "dB"),
+    ({"mixed_bit": {"bits": [4, 8], "min_psnr_db": 30, "extra": 1}}, "u.mixed_bit.extra", "allowed"),
+    ({"global": {"mode": "palettize", "nbits": 4}, "mixed_bit": {"bits": [4, 8], "min_psnr_db": 30}},
+     "u.mixed_bit", "choose one"),
+])
+def test_parse_errors_name_the_key_path(data, path, hint):
+    with pytest.raises(PresetError) as error:
+        parse_compression(data, "u", "iOS18")
+    assert error.value.message.startswith(path + " ") or error.value.message.startswith(path + ":")
+    assert hint in error.value.hint
+
+
+@pytest.mark.parametrize("data, path", [
+    ({"global": {"mode": "palettize", "nbits": 4, "granularity": "per_grouped_channel", "group_size": 8}},
+     "u.global.granularity"),
+    ({"mixed_bit": {"bits": [4, 8], "min_psnr_db": 30, "granularity": "per_grouped_channel", "group_size": 8}},
+     "u.mixed_bit.granularity"),
+    ({"op_name": {"conv_in": {"mode": "palettize", "nbits": 3}}}, "u.op_name.conv_in.nbits"),
+])
+def test_grouped_and_3_bit_palettes_need_ios18(data, path):
+    for target in ("iOS17", "macOS14"):
+        with pytest.raises(PresetError, match="iOS18/macOS15") as error:
+            parse_compression(data, "u", target)
+        assert error.value.message.startswith(path)
+    assert parse_compression(data, "u", "iOS18") == parse_compression(data, "u", "macOS15")
+    with pytest.raises(PresetError, match="iOS16/macOS13"):
+        parse_compression({"global": {"mode": "linear_int8"}}, "u", "iOS15")
+    with pytest.raises(PresetError, match="deployment target 'iOS 17'") as error:
+        parse_compression({}, "u", "iOS 17")
+    assert "iOS17" in error.value.hint
+
+
+def test_parse_mixed_bit_and_defaults():
+    cfg = parse_compression({"mixed_bit": {"bits": [8, 4, 6], "min_psnr_db": 30}}, "u", "iOS17")
+    assert cfg.mixed_bit.bits == (4, 6, 8) and cfg.mixed_bit.min_psnr_db == 30.0 and cfg.global_config is None
+    assert parse_compression({}, "u", "iOS17") == CompressionConfig()
+    assert resolve_layers(small(), CompressionConfig()) == {}
+
+
+# --------------------------------------------------------------------------------------------- sizes
+def test_stored_weight_bytes_for_4_6_8_bit_int8_and_fp16():
+    model = small()
+    model.register_buffer("steps", torch.arange(10))
+    plain16, plain32 = stored_weight_bytes(model, "fp16"), stored_weight_bytes(model, "fp32", prefix="model.")
+    assert plain16["proj.weight"] == 96 * 32 * 2 and plain32["model.proj.weight"] == 96 * 32 * 4
+    assert plain16["steps"] == 40 and plain16.keys() == {n for n, _ in model.named_parameters()} | {"steps"}
+    compress(model, {"conv_b": LayerCompression("palettize", 4), "proj": LayerCompression("palettize", 6),
+                     "out": LayerCompression("palettize", 8), "conv_a": LayerCompression("linear_int8")})
+    sizes = stored_weight_bytes(model, "fp16", prefix="model.")
+    assert sizes["model.conv_b.weight"] == math.ceil(32 * 8 * 9 * 4 / 8) + 16 * 2
+    assert sizes["model.proj.weight"] == math.ceil(96 * 32 * 6 / 8) + 64 * 2
+    assert sizes["model.out.weight"] == 32 * 96 + 256 * 2
+    assert sizes["model.conv_a.weight"] == 8 * 4 * 9 + 8 * 2
+    assert sizes["model.proj.bias"] == 96 * 2 and sizes["model.norm.weight"] == 32 * 2
+    assert not any("_COREML_" in name for name in sizes)
+    assert sizes.keys() == {"model." + n for n in plain16}
+
+
+# --------------------------------------------------------------------------------------------- conversion
+def _op_counts(spec) -> collections.Counter:
+    function = spec.mlProgram.functions["main"]
+    counts = collections.Counter()
+
+    def walk(ops):
+        for op in ops:
+            counts[op.type] += 1
+            for block in op.blocks:
+                walk(block.operations)
+
+    walk(function.block_specializations[function.opset].operations)
+    return counts
+
+
+CONVERSIONS = {
+    "iOS17": ({"conv_b": LayerCompression("palettize", 4), "proj": LayerCompression("palettize", 6),
+               "out": LayerCompression("linear_int8")},
+              {"constexpr_lut_to_dense": 2, "constexpr_affine_dequantize": 1}),
+    "iOS18": ({"conv_b": LayerCompression("palettize", 4, "per_grouped_channel", 8),
+               "proj": LayerCompression("palettize", 3), "out": LayerCompression("linear_int8")},
+              {"constexpr_lut_to_dense": 2, "constexpr_blockwise_shift_scale": 1}),
+}
+
+
+@pytest.mark.parametrize("target", sorted(CONVERSIONS))
+def test_converted_package_stores_exactly_the_torch_weights_in_the_predicted_bytes(tmp_path, target: str):
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    layers, expected_ops = CONVERSIONS[target]
+    model = compress(small(), layers)
+    program = torch.export.export(model, (SMALL_INPUT,)).run_decompositions({})
+    mlmodel = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, target),
+                         compute_precision=ct.precision.FLOAT16,
+                         inputs=[ct.TensorType(name="x", shape=SMALL_INPUT.shape, dtype=np.float32)],
+                         outputs=[ct.TensorType(name="y", dtype=np.float32)])
+    path = str(tmp_path / "small.mlpackage")
+    mlmodel.save(path)
+    spec = ct.utils.load_spec(path)
+    counts = _op_counts(spec)
+    assert {op: counts[op] for op in counts if op.startswith("constexpr_")} == expected_ops
+    weights_dir = os.path.join(path, "Data/com.apple.CoreML/weights")
+    stored = sum(stored_weight_bytes(model, "fp16").values())
+    # each blob is 64-byte aligned with a 64-byte header: a few % on a model this small
+    assert abs(os.path.getsize(os.path.join(weights_dir, "weight.bin")) - stored) <= 0.05 * stored + 64 * 20
+    decoded = milproto_load(spec, specification_version=spec.specificationVersion, file_weights_dir=weights_dir)
+    dense = {op.name: op.materialized_val_inference() for op in decoded.functions["main"].operations
+             if op.op_type.startswith("constexpr_") and op.outputs[0].child_ops}
+    for name in layers:
+        [value] = [v for k, v in dense.items() if k.startswith(f"p_{name}_weight")]
+        assert np.array_equal(value, model.get_submodule(name).weight.detach().numpy().astype(np.float16)), name
+
+
+# --------------------------------------------------------------------------------------------- mixed bits
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_mixed_bits_meet_the_budget_with_fewer_bits_in_few_passes():
+    reference = run_small(small())
+    psnr = {}
+    for nbits in (4, 8):
+        model = small()
+        compress(model, resolve_layers(model, config(mode="palettize", nbits=nbits)))
+        psnr[nbits] = simulated_psnr(reference, run_small(model))
+    budget = (psnr[4] + psnr[8]) / 2
+    model = small()
+    cfg = CompressionConfig(mixed_bit=parse_compression(
+        {"mixed_bit": {"bits": [4, 6, 8], "min_psnr_db": budget}}, "u", "iOS17").mixed_bit)
+    chosen, report = choose_mixed_bits(model, run_small, cfg)
+    layers = len(chosen)
+    assert layers == 3 and report["psnr_db"] >= budget
+    assert simulated_psnr(reference, run_small(model)) == report["psnr_db"]
+    assert report["average_bits"] < 8 and sum(report["bits_histogram"].values()) == layers
+    assert report["forward_passes"] <= 2 + 3 * math.ceil(math.log2(layers + 1)) + 2
+    assert report["proxy"] == "output_jacobian" and report["gradient_passes"] == 4
+    again = small()
+    compress(again, chosen)
+    assert _same_state(model, again)  # the model is left as compress(model, chosen) leaves it
+
+
+def test_mixed_bits_on_tiny_unet_keep_pins_and_exclusions():
+    reference = run_unet(tiny_unet())
+    model = tiny_unet()
+    cfg = parse_compression({"mixed_bit": {"bits": [2, 4], "min_psnr_db": 20},
+                             "op_name": {"conv_in": None, "conv_out": {"mode": "linear_int8"}}}, "u", "iOS17")
+    chosen, report = choose_mixed_bits(model, run_unet, cfg)
+    assert "conv_in" not in chosen and KIND not in compression_buffers(model.conv_in)
+    assert chosen["conv_out"] == LayerCompression("linear_int8", 8, "per_channel")
+    assert report["pinned"] == 1 and report["layers"] == len(chosen) - 1
+    assert report["bits_histogram"]["2"] > 0 and report["bits_histogram"]["4"] > 0
+    assert report["psnr_db"] >= 20 and simulated_psnr(reference, run_unet(model)) == report["psnr_db"]
+    assert report["forward_passes"] <= 2 + math.ceil(math.log2(report["layers"] + 1))
+
+
+def test_mixed_bits_without_gradients_rank_by_weight_error():
+    def run_no_grad(model):
+        with torch.no_grad():
+            return model(SMALL_INPUT)  # a bare tensor is one output
+
+    model = small()
+    cfg = parse_compression({"mixed_bit": {"bits": [2, 8], "min_psnr_db": 40}}, "u", "iOS17")
+    chosen, report = choose_mixed_bits(model, run_no_grad, cfg)
+    assert report["proxy"] == "weight_error" and report["gradient_passes"] == 0
+    assert report["psnr_db"] >= 40 and len(chosen) == 3
+    assert all(p.requires_grad for p in model.parameters())  # the probes' requires_grad changes are undone
+
+
+def test_mixed_bits_out_of_reach_is_a_preset_error():
+    cfg = parse_compression({"mixed_bit": {"bits": [2, 4], "min_psnr_db": 150}}, "test.yaml: unet", "iOS17")
+    with pytest.raises(PresetError, match=r"test.yaml: unet.mixed_bit.min_psnr_db 150 is out of reach"):
+        choose_mixed_bits(small(), run_small, cfg)
+
+
+def test_simulated_psnr_matches_parity_definition():
+    ref = [torch.tensor([1.0, -2.0, 0.5, 0.0])]
+    assert simulated_psnr(ref, [ref[0].clone()]) == 200.0
+    noisy = ref[0] + torch.tensor([0.02, -0.02, 0.02, -0.02])
+    assert simulated_psnr(ref, [noisy]) == round(20 * math.log10(2.0 / 0.02), 2)
+    assert simulated_psnr(ref + [ref[0]], [ref[0], noisy]) == simulated_psnr(ref, [noisy])  # worst output
+
+
+@pytest.mark.slow
+def test_parallel_kmeans_workers_start_under_pytest():
+    model, serial = small(), small()
+    layers = {"proj": LayerCompression("palettize", 4), "out": LayerCompression("palettize", 4)}
+    compress(model, layers, workers=2)
+    compress(serial, layers)
+    assert _same_state(model, serial)
