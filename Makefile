@@ -23,6 +23,7 @@ demo: install
 	$(POCKETSD) generate demo/tiny-cpu --prompt "$(PROMPT)" --steps 20 --seed 1 --out demo/tiny.png
 
 test: install
+	$(VENV)/bin/ruff check pocketsd export runtime apple bench tests
 	$(PY) -m pytest -q
 
 clean:

@@ -99,7 +99,8 @@ def _fill(bundle: Path, manifest: Manifest, names: dict[str, list[str]], root: P
     for component, files in names.items():
         for chunk, name in zip(manifest.components[component].chunks, files):
             shutil.copytree(bundle / chunk.file.path, root / f"{name}.mlpackage")
-            compiled[name] = _compile(root / f"{name}.mlpackage", root) if compile_models else "not compiled: asked not to"
+            package = root / f"{name}.mlpackage"
+            compiled[name] = _compile(package, root) if compile_models else "not compiled: asked not to"
     tokenizer = {}
     for name in TOKENIZER_FILES:
         ref = manifest.tokenizer["files"].get(name)
@@ -166,5 +167,6 @@ def _check_features(model: Any, specs: list[Any], dims: dict[str, int]) -> list[
     if model.single_output and len(last.outputs) != 1:
         problems.append(f"{model.file}: the last model has {len(last.outputs)} outputs; Swift reads only the first")
     problems += chained_inputs_ok([[f.name for f in s.inputs] for s in specs],
-                                  [[f.name for f in s.outputs] for s in specs], [f.name for f in model.inputs if f.name])
+                                  [[f.name for f in s.outputs] for s in specs],
+                                  [f.name for f in model.inputs if f.name])
     return problems

@@ -16,9 +16,15 @@ import torch
 
 from pocketsd.export.capture import example_inputs, run_component
 from pocketsd.export.components import ComponentSpec, Dims
-from pocketsd.export.compression import (CompressionConfig, choose_mixed_bits, compress, resolve_layers,
-                                         simulated_psnr, stored_weight_bytes)
 from pocketsd.export.components.base import WRAPPED
+from pocketsd.export.compression import (
+    CompressionConfig,
+    choose_mixed_bits,
+    compress,
+    resolve_layers,
+    simulated_psnr,
+    stored_weight_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,10 @@ class Compressed:
     stored_bytes: dict[str, int]  # per parameter, qualified as the captured graph names it
     compressed: set[str]  # parameters stored compressed
     report: dict[str, Any]
+
+
+def _outputs(result: Any) -> tuple[torch.Tensor, ...]:
+    return result if isinstance(result, tuple) else (result,)
 
 
 def stored_bytes_only(model: torch.nn.Module, precision: str) -> dict[str, int]:
@@ -43,10 +53,11 @@ def compress_component(spec: ComponentSpec, model: torch.nn.Module, dims: Dims, 
     reference = run_component(spec, model, examples)
     fp32_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if config.mixed_bit is not None:
-        layers, mixed = choose_mixed_bits(model, lambda m: run_component(spec, m, examples), config)
+        # with autograd on: the search ranks layers by a gradient estimate of their effect on the output
+        layers, mixed = choose_mixed_bits(model, lambda m: _outputs(spec.make_wrapper(m).eval()(*examples)), config)
     else:
         layers, mixed = resolve_layers(model, config), None
-    compress(model, layers)
+    compress(model, layers)  # a no-op for layers the mixed-bit search already left in their chosen state
     psnr = simulated_psnr(reference, run_component(spec, model, examples))
     stored = stored_bytes_only(model, precision)
     histogram: dict[str, int] = {}

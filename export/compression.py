@@ -18,8 +18,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from pocketsd.errors import InternalError, PresetError
 
@@ -27,165 +26,21 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+from pocketsd.export.compression_config import (  # noqa: F401  (re-exported)
+    META,
+    META_VERSION,
+    MODES,
+    OP_TYPES,
+    PALETTE_BITS,
+    TARGET_LEVELS,
+    CompressionConfig,
+    LayerCompression,
+    MixedBit,
+    parse_compression,
+)
+
 log = logging.getLogger(__name__)
-
-MODES = ("palettize", "linear_int8")
-PALETTE_BITS = (2, 3, 4, 6, 8)
-GRANULARITIES = {"palettize": ("per_tensor", "per_grouped_channel"), "linear_int8": ("per_channel",)}
-OP_TYPES = ("Linear", "Conv2d")
-META = "_COREML_"
-META_VERSION = f"{META}/metadata_version"
-# Deployment targets as the iOS release with the same CoreML opset. Compression needs 16; grouped or 3-bit palettes 18.
-TARGET_LEVELS = {"iOS15": 15, "iOS16": 16, "iOS17": 17, "iOS18": 18, "iOS26": 26,
-                 "macOS12": 15, "macOS13": 16, "macOS14": 17, "macOS15": 18, "macOS26": 26}
 _BATCH_ELEMENTS = 32_000_000  # weights per coremltools call: bounds the copy coremltools makes of what it compresses
-
-
-@dataclass(frozen=True)
-class LayerCompression:
-    """What one Linear/Conv2d layer gets. An empty granularity means the mode's default (the first allowed)."""
-
-    mode: str
-    nbits: int = 8
-    granularity: str = ""
-    group_size: int = 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise InternalError(f"unknown compression mode {self.mode!r}")
-        if not self.granularity:
-            object.__setattr__(self, "granularity", GRANULARITIES[self.mode][0])
-        problem = _layer_problem(self.mode, self.nbits, self.granularity, self.group_size)
-        if problem:
-            raise InternalError(f"invalid {self}: {problem[0]} {problem[1]} ({problem[2]})")
-
-
-@dataclass(frozen=True)
-class MixedBit:
-    bits: tuple[int, ...]  # candidate palettization bit widths, ascending
-    min_psnr_db: float  # the component's simulated output must stay at or above this
-    granularity: str = "per_tensor"
-    group_size: int = 0
-
-    def layer(self, nbits: int) -> LayerCompression:
-        return LayerCompression("palettize", nbits, self.granularity, self.group_size)
-
-
-@dataclass(frozen=True)
-class CompressionConfig:
-    """One component's config. ``source`` is where it was read from (``file: key path``), for error messages."""
-
-    global_config: LayerCompression | None = None
-    op_type: Mapping[str, LayerCompression | None] = field(default_factory=dict)
-    op_name: Mapping[str, LayerCompression | None] = field(default_factory=dict)
-    mixed_bit: MixedBit | None = None
-    weight_threshold: int = 2048
-    source: str = field(default="", compare=False)
-
-
-def _layer_problem(mode: str, nbits: Any, granularity: Any, group_size: int) -> tuple[str, str, str] | None:
-    """(key, what is wrong, what is allowed) for an impossible layer config, or None."""
-    allowed_bits = PALETTE_BITS if mode == "palettize" else (8,)
-    if isinstance(nbits, bool) or nbits not in allowed_bits:
-        return "nbits", f"is {nbits!r}", f"{mode} allows nbits: {', '.join(map(str, allowed_bits))}"
-    if granularity not in GRANULARITIES[mode]:
-        return "granularity", f"is {granularity!r}", f"{mode} allows: {', '.join(GRANULARITIES[mode])}"
-    if granularity == "per_grouped_channel" and not group_size > 0:
-        return "group_size", "is missing", "per_grouped_channel needs group_size > 0 (output channels per palette)"
-    if granularity != "per_grouped_channel" and group_size:
-        return "group_size", f"is {group_size}", "group_size only goes with granularity per_grouped_channel"
-    return None
-
-
-def _fail(where: str, path: str, what: str, hint: str | None = None) -> NoReturn:
-    raise PresetError(f"{where}.{path} {what}" if path else f"{where} {what}", hint)
-
-
-def _mapping(data: Any, where: str, path: str, allowed: Sequence[str] | None) -> dict:
-    if not isinstance(data, dict):
-        _fail(where, path, f"must be a mapping, not {type(data).__name__}")
-    for key in data:
-        if allowed is not None and key not in allowed:
-            _fail(where, f"{path}.{key}" if path else str(key), "is not a known key", f"allowed: {', '.join(allowed)}")
-    return data
-
-
-def _integer(value: Any, where: str, path: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(where, path, f"is {value!r}", f"an integer >= {minimum}")
-    return value
-
-
-def _parse_layer(data: Any, where: str, path: str, level: int) -> LayerCompression | None:
-    if data is None:
-        return None
-    _mapping(data, where, path, ("mode", "nbits", "granularity", "group_size"))
-    mode = data.get("mode")
-    if mode not in MODES:
-        _fail(where, f"{path}.mode", f"is {mode!r}" if "mode" in data else "is missing", f"allowed: {', '.join(MODES)}")
-    if mode == "palettize" and "nbits" not in data:
-        _fail(where, f"{path}.nbits", "is missing", f"palettize needs nbits: {', '.join(map(str, PALETTE_BITS))}")
-    nbits = data.get("nbits", 8)
-    granularity = data.get("granularity", GRANULARITIES[mode][0])
-    group_size = _integer(data.get("group_size", 0), where, f"{path}.group_size", 0)
-    problem = _layer_problem(mode, nbits, granularity, group_size)
-    if problem:
-        _fail(where, f"{path}.{problem[0]}", problem[1], problem[2])
-    _check_target(where, path, granularity, (nbits,) if mode == "palettize" else (), level)
-    return LayerCompression(mode, nbits, granularity, group_size)
-
-
-def _check_target(where: str, path: str, granularity: str, palette_bits: Sequence[int], level: int) -> None:
-    if level < 16:
-        _fail(where, path, "needs deployment target iOS16/macOS13 or newer", "raise coreml.deployment_target")
-    if granularity == "per_grouped_channel" and level < 18:
-        _fail(where, f"{path}.granularity", "per_grouped_channel needs deployment target iOS18/macOS15",
-              "use granularity per_tensor, or deployment_target iOS18/macOS15")
-    if 3 in palette_bits and level < 18:
-        _fail(where, f"{path}.nbits", "3-bit palettes need deployment target iOS18/macOS15",
-              "use nbits 2, 4, 6 or 8, or deployment_target iOS18/macOS15")
-
-
-def _parse_mixed(data: Any, where: str, level: int) -> MixedBit:
-    _mapping(data, where, "mixed_bit", ("bits", "min_psnr_db", "granularity", "group_size"))
-    bits = data.get("bits")
-    if (not isinstance(bits, list) or len(bits) < 2 or len(set(bits)) != len(bits)
-            or any(isinstance(b, bool) or b not in PALETTE_BITS for b in bits)):
-        _fail(where, "mixed_bit.bits", f"is {bits!r}",
-              f"a list of at least two different bit widths from {', '.join(map(str, PALETTE_BITS))}, e.g. [4, 6, 8]")
-    psnr = data.get("min_psnr_db")
-    if isinstance(psnr, bool) or not isinstance(psnr, (int, float)) or not psnr > 0:
-        _fail(where, "mixed_bit.min_psnr_db", f"is {psnr!r}", "a positive number of dB, e.g. 30")
-    granularity = data.get("granularity", "per_tensor")
-    group_size = _integer(data.get("group_size", 0), where, "mixed_bit.group_size", 0)
-    problem = _layer_problem("palettize", 8, granularity, group_size)
-    if problem:
-        _fail(where, f"mixed_bit.{problem[0]}", problem[1], problem[2])
-    _check_target(where, "mixed_bit", granularity, bits, level)
-    return MixedBit(tuple(sorted(bits)), float(psnr), granularity, group_size)
-
-
-def parse_compression(data: Any, where: str, deployment_target: str) -> CompressionConfig:
-    """One component's compression block from YAML, e.g. ``{global: {mode: palettize, nbits: 6}, op_name: {conv_in:
-    null}}`` or ``{mixed_bit: {bits: [4, 6, 8], min_psnr_db: 30}}``. Errors name ``where`` plus the key path."""
-    level = TARGET_LEVELS.get(deployment_target)
-    if level is None:
-        _fail(where, "", f"cannot check against deployment target {deployment_target!r}",
-              f"known targets: {', '.join(TARGET_LEVELS)}")
-    _mapping(data, where, "", ("global", "op_type", "op_name", "mixed_bit", "weight_threshold"))
-    if data.get("global") is not None and data.get("mixed_bit") is not None:
-        _fail(where, "mixed_bit", "cannot be combined with global", "choose one: a fixed global config or mixed_bit")
-    op_type = _mapping(data.get("op_type") or {}, where, "op_type", OP_TYPES)
-    op_name = _mapping(data.get("op_name") or {}, where, "op_name", None)
-    return CompressionConfig(
-        global_config=_parse_layer(data.get("global"), where, "global", level),
-        op_type={k: _parse_layer(v, where, f"op_type.{k}", level) for k, v in op_type.items()},
-        op_name={str(k): _parse_layer(v, where, f"op_name.{k}", level) for k, v in op_name.items()},
-        mixed_bit=_parse_mixed(data["mixed_bit"], where, level) if data.get("mixed_bit") is not None else None,
-        weight_threshold=_integer(data.get("weight_threshold", 2048), where, "weight_threshold", 0),
-        source=where,
-    )
-
 
 def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every ``nn.Linear`` / ``nn.Conv2d`` (subclasses included) by module path."""
@@ -312,8 +167,11 @@ def _run_coremltools(batch: dict[str, nn.Module], layers: Mapping[str, LayerComp
             raise InternalError("coremltools' k-means worker processes failed to start; a script that calls "
                                 "compress(workers > 1) needs `if __name__ == \"__main__\":`") from exc
     else:
-        from coremltools.optimize.torch.quantization import (ModulePostTrainingQuantizerConfig,
-                                                             PostTrainingQuantizer, PostTrainingQuantizerConfig)
+        from coremltools.optimize.torch.quantization import (
+            ModulePostTrainingQuantizerConfig,
+            PostTrainingQuantizer,
+            PostTrainingQuantizerConfig,
+        )
 
         one = ModulePostTrainingQuantizerConfig(weight_dtype="int8", granularity="per_channel",
                                                 quantization_scheme="symmetric")
@@ -351,11 +209,31 @@ def _batches(names: Sequence[str], modules: Mapping[str, nn.Module]) -> Iterator
         yield batch
 
 
+def _holds(module: nn.Module, config: LayerCompression) -> bool:
+    """Whether the layer already holds exactly this compression, metadata and weights agreeing. Redoing it would
+    shift its palette a little (coremltools rounds weights before its k-means), so ``compress`` leaves it."""
+    import torch
+
+    meta = {k.rsplit("/", 1)[1]: v for k, v in compression_buffers(module).items()}
+    kind, weight = meta["compression_type"].tolist() if "compression_type" in meta else [], module.weight.detach()
+    if config.mode == "palettize" and kind == [2]:
+        lut, groups = meta["lut"], weight.shape[0] // config.group_size if config.group_size else 1
+        if lut.shape[-2] != 2 ** config.nbits or lut.shape[0] != groups:
+            return False
+        values, flat = lut.flatten().unique(), weight.flatten()  # is every weight a palette entry? (isin is slow)
+        return bool((values[torch.searchsorted(values, flat).clamp_(max=values.numel() - 1)] == flat).all())
+    if config.mode == "linear_int8" and kind == [3]:
+        scale = meta["quantization_scale"].reshape((-1,) + (1,) * (weight.dim() - 1))
+        return torch.equal(weight, (torch.round(weight / scale).clamp(-128, 127).half() * scale.half()).float())
+    return False
+
+
 def compress(model: nn.Module, layers: Mapping[str, LayerCompression], *, workers: int = 1) -> nn.Module:
     """Compress ``layers`` (module path → config) IN PLACE and return ``model``; an empty mapping changes nothing.
 
     Afterwards each layer's weight holds its simulated values and its ``_COREML_`` buffers describe the palette or
-    scale; every fp32 parameter is rounded through fp16. Recompressing a layer replaces its earlier compression.
+    scale; every fp32 parameter is rounded through fp16. A layer that already holds exactly its config is left as it
+    is (so compressing again, e.g. after ``choose_mixed_bits``, changes nothing); another config replaces it.
     ``workers > 1`` runs coremltools' k-means in that many spawned processes (the calling script needs the usual
     ``if __name__ == "__main__":`` guard); the default runs it in this process.
     """
@@ -368,15 +246,16 @@ def compress(model: nn.Module, layers: Mapping[str, LayerCompression], *, worker
     if missing:
         raise InternalError(f"not Linear/Conv2d layers of this model: {missing[:5]}")
     started, done = time.perf_counter(), 0
+    todo = {n: c for n, c in layers.items() if not _holds(found[n], c)}
     with _quiet_coremltools():
         for mode in MODES:
-            names = [n for n, c in layers.items() if c.mode == mode]
+            names = [n for n, c in todo.items() if c.mode == mode]
             for batch in _batches(names, found):
                 for module in batch.values():
                     drop_compression_buffers(module)
                 _run_coremltools(batch, layers, workers)
                 done += len(batch)
-                log.debug("compressed %d of %d layers", done, len(layers))
+                log.debug("compressed %d of %d layers", done, len(todo))
     not_done = [n for n in layers if f"{META}/weight/compression_type" not in compression_buffers(found[n])]
     if not_done:
         raise InternalError(f"coremltools left {len(not_done)} layers uncompressed: {not_done[:5]}")
@@ -384,7 +263,8 @@ def compress(model: nn.Module, layers: Mapping[str, LayerCompression], *, worker
         model.register_buffer(META_VERSION, torch.tensor(1))
     round_to_fp16(model)
     kinds = sorted({f"{c.mode} {c.nbits}-bit {c.granularity}" for c in layers.values()})
-    log.info("compressed %d layers (%s) in %.1f s", len(layers), ", ".join(kinds), time.perf_counter() - started)
+    log.info("compressed %d layers (%s) in %.1f s; %d already were", len(todo), ", ".join(kinds),
+             time.perf_counter() - started, len(layers) - len(todo))
     return model
 
 

@@ -24,9 +24,17 @@ import torch
 from torch import nn
 
 from pocketsd.errors import InternalError, PresetError
-from pocketsd.export.compression import (CompressionConfig, LayerCompression, compress, compressible_layers,
-                                         compression_buffers, drop_compression_buffers, plan_layers, round_to_fp16,
-                                         simulated_psnr)
+from pocketsd.export.compression import (
+    CompressionConfig,
+    LayerCompression,
+    compress,
+    compressible_layers,
+    compression_buffers,
+    drop_compression_buffers,
+    plan_layers,
+    round_to_fp16,
+    simulated_psnr,
+)
 
 log = logging.getLogger(__name__)
 

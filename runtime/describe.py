@@ -16,7 +16,8 @@ def _chunk_row(chunk: Chunk) -> dict[str, Any]:
         "psnr_db": chunk.parity.psnr_db if chunk.parity else None,
         "max_abs": chunk.parity.max_abs if chunk.parity else None,
         "modules": list(chunk.modules),
-        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "source": t.source} for t in chunk.inputs],
+        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "source": t.source}
+                   for t in chunk.inputs],
         "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in chunk.outputs],
         **({"extra": chunk.extra} if chunk.extra else {}),
     }

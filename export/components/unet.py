@@ -17,7 +17,8 @@ class UNetWrapper(torch.nn.Module):
         super().__init__()
         setattr(self, WRAPPED, unet)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         # Apple's (batch, channels, 1, sequence) layout → diffusers' (batch, sequence, channels)
         context = encoder_hidden_states.squeeze(2).transpose(1, 2)
         return getattr(self, WRAPPED)(sample, timestep, context, return_dict=False)[0]

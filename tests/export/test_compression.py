@@ -1,4 +1,4 @@
-"""CoreML weight compression in PyTorch: palettes, int8 grids, the three config levels, sizes, conversion, mixed bits."""
+"""CoreML weight compression in PyTorch: palettes, int8 grids, three config levels, sizes, conversion, mixed bits."""
 
 from __future__ import annotations
 
@@ -17,9 +17,16 @@ pytestmark = pytest.mark.export
 from torch import nn  # noqa: E402
 
 from pocketsd.errors import PresetError  # noqa: E402
-from pocketsd.export.compression import (CompressionConfig, LayerCompression, compress,  # noqa: E402
-                                         compression_buffers, parse_compression, resolve_layers,
-                                         simulated_psnr, stored_weight_bytes)
+from pocketsd.export.compression import (  # noqa: E402
+    CompressionConfig,
+    LayerCompression,
+    compress,
+    compression_buffers,
+    parse_compression,
+    resolve_layers,
+    simulated_psnr,
+    stored_weight_bytes,
+)
 from pocketsd.export.mixed_bit import choose_mixed_bits  # noqa: E402
 
 LUT, SCALE, KIND = "_COREML_/weight/lut", "_COREML_/weight/quantization_scale", "_COREML_/weight/compression_type"
@@ -151,6 +158,9 @@ def test_compress_nothing_is_a_no_op_and_recompressing_replaces():
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     compress(model, {"proj": LayerCompression("palettize", 8)})
+    once = copy.deepcopy(model.state_dict())
+    compress(model, {"proj": LayerCompression("palettize", 8)})  # already holds it: nothing moves
+    assert all(torch.equal(once[k], v) for k, v in model.state_dict().items())
     compress(model, {"proj": LayerCompression("palettize", 2)})
     assert compression_buffers(model.proj)[KIND].tolist() == [2]
     assert model.proj.weight.unique().numel() <= 4
@@ -179,7 +189,8 @@ def test_three_levels_global_then_op_type_then_op_name():
     for name, module in modules.items():
         if isinstance(module, (nn.Linear, nn.Conv2d)) and name not in cfg.op_name:
             assert (name in layers) == (module.weight.numel() >= 4096), name
-    no_conv = parse_compression({"global": {"mode": "palettize", "nbits": 4}, "op_type": {"Conv2d": None}}, "t", "iOS17")
+    no_conv = parse_compression({"global": {"mode": "palettize", "nbits": 4}, "op_type": {"Conv2d": None}}, "t",
+                                "iOS17")
     assert all(isinstance(modules[n], nn.Linear) for n in resolve_layers(model, no_conv))
 
 
@@ -345,6 +356,9 @@ def test_mixed_bits_meet_the_budget_with_fewer_bits_in_few_passes():
     again = small()
     compress(again, chosen)
     assert _same_state(model, again)  # the model is left as compress(model, chosen) leaves it
+    state = copy.deepcopy(model)
+    compress(model, chosen)
+    assert _same_state(model, state)  # and compressing it again changes nothing
 
 
 def test_mixed_bits_on_tiny_unet_keep_pins_and_exclusions():

@@ -93,8 +93,8 @@ def test_compression_happens_before_the_cut(tiny_model_dir: Path, tmp_path: Path
 
 def test_mixed_bit_recipe_meets_its_budget_and_inspect_shows_it(tiny_model_dir: Path, tmp_path: Path):
     """The recipe as the exporter runs it (the report is what goes into the manifest's compression entry)."""
-    from pocketsd.export.compress_component import compress_component
     from pocketsd.export.components import SD_COMPONENTS
+    from pocketsd.export.compress_component import compress_component
     from pocketsd.export.exporter import resolve_dims
     from pocketsd.export.model_loader import load_module, open_model_folder
     from pocketsd.runtime.describe import _notes

@@ -12,8 +12,7 @@ import pytest
 from pocketsd.errors import BundleError
 from pocketsd.runtime.chain import ComponentRunner
 from pocketsd.runtime.hashing import sha256_path, size_of
-from pocketsd.runtime.manifest import (Chunk, Component, FileRef, Manifest, TensorSpec, load_manifest,
-                                       manifest_from_dict)
+from pocketsd.runtime.manifest import Chunk, Component, FileRef, Manifest, TensorSpec, load_manifest, manifest_from_dict
 from pocketsd.runtime.sessions import SessionOptions
 
 onnx = pytest.importorskip("onnx")
@@ -42,8 +41,10 @@ def ref(bundle: Path, rel: str) -> FileRef:
 def bundle(tmp_path: Path) -> Path:
     """y = (a + b) * b, cut after the addition: chunk 1 reads 'b' straight from the component input."""
     (tmp_path / "toy").mkdir()
-    write_model(tmp_path / "toy/c0.onnx", ["a", "b"], ["toy.00/add"], [helper.make_node("Add", ["a", "b"], ["toy.00/add"])])
-    write_model(tmp_path / "toy/c1.onnx", ["toy.00/add", "b"], ["y"], [helper.make_node("Mul", ["toy.00/add", "b"], ["y"])])
+    add = helper.make_node("Add", ["a", "b"], ["toy.00/add"])
+    write_model(tmp_path / "toy/c0.onnx", ["a", "b"], ["toy.00/add"], [add])
+    mul = helper.make_node("Mul", ["toy.00/add", "b"], ["y"])
+    write_model(tmp_path / "toy/c1.onnx", ["toy.00/add", "b"], ["y"], [mul])
     chunks = (
         Chunk("toy.00", "onnx", ref(tmp_path, "toy/c0.onnx"), 0, (spec("a", "input:a"), spec("b", "input:b")),
               (spec("toy.00/add"),), ("add",)),
