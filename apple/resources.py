@@ -16,15 +16,15 @@ import logging
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pocketsd.apple.contract import MAX_UNET_CHUNKS, MODELS, TOKENIZER_FILES, chained_inputs_ok, file_names
-from pocketsd.errors import BundleError, OutputError, UserError
+from pocketsd.errors import BundleError, UserError
 from pocketsd.runtime.hashing import sha256_path, size_of
 from pocketsd.runtime.manifest import Component, FileRef, Manifest, load_manifest
+from pocketsd.staging import staged_folder
 
 log = logging.getLogger(__name__)
 NOT_COMPILED = ("not compiled: .mlmodelc needs macOS with Xcode's command line tools (xcrun coremlcompiler); run "
@@ -74,22 +74,8 @@ def write_resources(bundle_dir: str | Path, out_dir: str | Path, compile_models:
     bundle, out = Path(bundle_dir), Path(out_dir)
     manifest = load_manifest(bundle)
     names = _apple_files(manifest)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputError(f"{out} already exists and is not empty", "choose a new --out folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}", "choose a writable --out folder") from None
-    try:
+    with staged_folder(out, "Resources") as staging:
         report = _fill(bundle, manifest, names, staging, compile_models)
-        if out.exists():
-            out.rmdir()
-        staging.chmod(0o755)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 

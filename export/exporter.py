@@ -8,8 +8,6 @@ untouched.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from pocketsd import __version__
-from pocketsd.errors import OutputError, PresetError
+from pocketsd.errors import PresetError
 from pocketsd.export.bundle_files import file_ref, write_plan, write_tokenizer
 from pocketsd.export.capture import capture
 from pocketsd.export.components import SD_COMPONENTS, Dims
@@ -27,6 +25,7 @@ from pocketsd.export.model_loader import ModelFolder, load_module, open_model_fo
 from pocketsd.export.preset import Preset
 from pocketsd.export.write_component import write_component
 from pocketsd.runtime.manifest import Manifest
+from pocketsd.staging import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +37,6 @@ class ExportRequest:
     out: Path
     seed: int = 0
     progress: bool = True
-
-
-def _staging_dir(out: Path) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputError(f"{out} already exists and is not empty", "choose a new --out folder or delete this one")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write the bundle to {out}: {exc.strerror or exc}",
-                          "choose an --out folder in a writable location") from None
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp creates the staging folder as 0700; give the bundle the permissions a normal mkdir would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
 
 
 def _model_folder(model: str, stack: ExitStack) -> tuple[ModelFolder, str]:
@@ -98,21 +79,10 @@ def _modules(folder: ModelFolder, components: tuple[str, ...]) -> Iterator[tuple
 
 
 def export_bundle(request: ExportRequest) -> Path:
-    out = Path(request.out)
-    staging = _staging_dir(out)
-    try:
-        with ExitStack() as stack:
-            folder, source = _model_folder(request.model, stack)
-            manifest = _export_into(folder, source, request, staging)
-        manifest.write(staging)
-        _make_readable(staging)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    with staged_folder(request.out, "bundle") as staging, ExitStack() as stack:
+        folder, source = _model_folder(request.model, stack)
+        _export_into(folder, source, request, staging).write(staging)
+    return Path(request.out)
 
 
 def _prepare_for_coreml(component_id: str, model: Any, dims: Dims, preset: Preset, seed: int

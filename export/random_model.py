@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pocketsd.errors import OutputError, UserError
+from pocketsd.errors import UserError
+from pocketsd.staging import staged_folder
 
 log = logging.getLogger(__name__)
 ARCHS = ("tiny", "sd15")
@@ -88,22 +87,8 @@ def _write_components(configs: ModelConfigs, root: Path) -> None:
 
 
 def write_random_model(out_dir: str | Path, configs: ModelConfigs) -> Path:
-    """Write the model to ``out_dir`` (which must not exist or be empty), atomically."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputError(f"{out} already exists and is not an empty folder", "choose a new folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write to {out.parent} ({exc.strerror})", "choose a writable folder") from None
-    try:
-        log.info("building random %s model in %s", configs.arch, out)
+    """Write the model to ``out_dir`` (which must not exist or be empty), completely or not at all."""
+    with staged_folder(out_dir, "model") as staging:
+        log.info("building random %s model in %s", configs.arch, out_dir)
         _write_components(configs, staging)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)

@@ -35,11 +35,10 @@ def tiny_bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def tiny_iphone_bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with the iphone preset (6-bit palettized UNet, CoreML), UNet in Apple's two-chunk form."""
+    """The tiny model with the iphone preset (6-bit palettized UNet in Apple's two-chunk form, CoreML)."""
     pytest.importorskip("coremltools")
     from pocketsd.export.exporter import ExportRequest, export_bundle
-    from pocketsd.export.preset import load_preset, with_overrides
+    from pocketsd.export.preset import load_preset
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-iphone"
-    preset = with_overrides(load_preset("iphone"), {"unet": 2})
-    return export_bundle(ExportRequest(str(tiny_model_dir), preset, out, progress=False))
+    return export_bundle(ExportRequest(str(tiny_model_dir), load_preset("iphone"), out, progress=False))

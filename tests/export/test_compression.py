@@ -6,6 +6,7 @@ import collections
 import copy
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,15 +306,19 @@ CONVERSIONS = {
 def test_converted_package_stores_exactly_the_torch_weights_in_the_predicted_bytes(tmp_path, target: str):
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
 
+    """Through the exporter's own writer: palettized layers go through the lossless unique palettization pass,
+    int8 through its metadata; either way the package holds exactly the PyTorch weights."""
+    from pocketsd.export.coreml_writer import CoreMLTarget, write_mlpackage
+    from pocketsd.runtime.manifest import TensorSpec
+
     layers, expected_ops = CONVERSIONS[target]
     model = compress(small(), layers)
-    program = torch.export.export(model, (SMALL_INPUT,)).run_decompositions({})
-    mlmodel = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, target),
-                         compute_precision=ct.precision.FLOAT16,
-                         inputs=[ct.TensorType(name="x", shape=SMALL_INPUT.shape, dtype=np.float32)],
-                         outputs=[ct.TensorType(name="y", dtype=np.float32)])
+    expected_weights = {name: model.get_submodule(name).weight.detach().numpy().astype(np.float16) for name in layers}
+    with torch.no_grad():
+        out_shape = tuple(model(SMALL_INPUT).shape)
     path = str(tmp_path / "small.mlpackage")
-    mlmodel.save(path)
+    write_mlpackage(model, [SMALL_INPUT], [TensorSpec("x", "float32", tuple(SMALL_INPUT.shape))],
+                    [TensorSpec("y", "float32", out_shape)], Path(path), CoreMLTarget(target, "fp16"))
     spec = ct.utils.load_spec(path)
     counts = _op_counts(spec)
     assert {op: counts[op] for op in counts if op.startswith("constexpr_")} == expected_ops
@@ -326,7 +331,7 @@ def test_converted_package_stores_exactly_the_torch_weights_in_the_predicted_byt
              if op.op_type.startswith("constexpr_") and op.outputs[0].child_ops}
     for name in layers:
         [value] = [v for k, v in dense.items() if k.startswith(f"p_{name}_weight")]
-        assert np.array_equal(value, model.get_submodule(name).weight.detach().numpy().astype(np.float16)), name
+        assert np.array_equal(value, expected_weights[name]), name
 
 
 # --------------------------------------------------------------------------------------------- mixed bits
