@@ -77,3 +77,14 @@ def test_existing_non_empty_output_is_not_overwritten(tmp_path: Path, tiny_model
     (out / "keep.txt").write_text("mine")
     code, err = run_export(capsys, "--model", str(tiny_model_dir), "--out", str(out))
     assert code == 2 and "already exists" in err and (out / "keep.txt").read_text() == "mine"
+
+
+def test_parity_below_threshold_fails_with_a_table_and_leaves_nothing(tmp_path: Path, tiny_model_dir: Path, capsys):
+    preset = tmp_path / "strict.yaml"
+    preset.write_text("backend: onnx\ncomponents: [text_encoder]\nparity: {min_psnr_db: 250}\n")
+    out = tmp_path / "b"
+    code = main(["export", "--quiet", "--model", str(tiny_model_dir), "--preset", str(preset), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[0].startswith("error[parity]") and "below threshold" in err[0]
+    assert "PSNR dB" in err[1] and any("text_encoder.00" in line for line in err[2:])
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]

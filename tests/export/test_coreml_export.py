@@ -71,7 +71,7 @@ def test_iphone_bundle_is_palettized_and_checked(tiny_iphone_bundle: Path, capsy
     assert "palettize:6" in table and "simulated" in table
 
 
-def test_compression_happens_before_the_cut(tiny_model_dir: Path, tmp_path: Path):
+def test_compression_happens_before_the_cut(tiny_model_dir: Path, tmp_path: Path, capsys):
     """Only Linear layers are palettized (2-bit), convolutions stay fp16: balanced by stored size, the cut lands
     elsewhere than an fp32-balanced cut would, and the written packages come out balanced."""
     preset = preset_file(tmp_path, (
@@ -89,6 +89,8 @@ def test_compression_happens_before_the_cut(tiny_model_dir: Path, tmp_path: Path
     assert max(files) <= 1.3 * sum(files) / 2
     plan = json.loads((bundle / manifest.plan.path).read_text())["components"]["unet"]
     assert plan["total_weight_bytes"] == sum(stored) < unet.extra["compression"]["fp32_weight_bytes"] / 2
+    assert main(["inspect", str(bundle)]) == 0
+    assert "compression: palettize:2" in capsys.readouterr().out
 
 
 def test_mixed_bit_recipe_meets_its_budget_and_inspect_shows_it(tiny_model_dir: Path, tmp_path: Path):

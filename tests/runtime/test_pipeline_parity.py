@@ -93,3 +93,17 @@ def test_without_guidance_matches_diffusers(reference, runtime: Pipeline):
     actual = runtime(PROMPT, num_inference_steps=6, guidance_scale=1.0, scheduler="euler", latents=latents.numpy(),
                      output_type="np")
     assert compare(expected, actual).psnr_db >= TOL["pipeline_min_psnr_db"]
+
+
+def test_two_batch_1_unet_calls_equal_one_batch_2_call(tiny_model_dir: Path, runtime: Pipeline, tmp_path: Path):
+    """cpu-lowmem style (unet_batch 1: guidance as two calls) gives the cpu preset's picture."""
+    from pocketsd.export.exporter import ExportRequest, export_bundle
+    from pocketsd.export.preset import load_preset
+
+    preset = load_preset("cpu")
+    preset = type(preset)(**{**vars(preset), "unet_batch": 1, "components": ("text_encoder", "unet", "vae_decoder")})
+    single = Pipeline.from_bundle(export_bundle(ExportRequest(str(tiny_model_dir), preset, tmp_path / "b1",
+                                                              progress=False)))
+    assert single.manifest.dims["unet_batch"] == 1
+    kwargs = dict(negative_prompt=NEGATIVE, num_inference_steps=5, scheduler="euler", seed=3, output_type="np")
+    assert compare(runtime(PROMPT, **kwargs), single(PROMPT, **kwargs)).psnr_db >= TOL["pipeline_min_psnr_db"]
