@@ -28,64 +28,17 @@ from pocketsd.export.compression import (  # noqa: E402
     simulated_psnr,
     stored_weight_bytes,
 )
-from pocketsd.export.mixed_bit import choose_mixed_bits  # noqa: E402
-
-LUT, SCALE, KIND = "_COREML_/weight/lut", "_COREML_/weight/quantization_scale", "_COREML_/weight/compression_type"
-
-
-class Small(nn.Module):
-    """conv_a is below the default threshold (4·8·9 = 288 weights); the rest are above it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv_a = nn.Conv2d(4, 8, 3, padding=1)
-        self.conv_b = nn.Conv2d(8, 32, 3, padding=1)
-        self.proj = nn.Linear(32, 96)
-        self.out = nn.Linear(96, 32)
-        self.norm = nn.LayerNorm(32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_b(torch.relu(self.conv_a(x)))  # [B, 32, H, W]
-        h = h.flatten(2).transpose(1, 2)  # [B, HW, 32]
-        return self.norm(h + self.out(torch.nn.functional.gelu(self.proj(h))))
-
-
-def small() -> Small:
-    torch.manual_seed(0)
-    return Small().eval()
-
-
-SMALL_INPUT = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-
-
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32).eval()
-
-
-_g = torch.Generator().manual_seed(1)
-UNET_INPUTS = (torch.randn(1, 4, 16, 16, generator=_g), torch.tensor([10.0]), torch.randn(1, 77, 32, generator=_g))
-
-
-def run_unet(model):  # autograd stays on: choose_mixed_bits ranks layers with gradients
-    return [model(*UNET_INPUTS, return_dict=False)[0]]
-
-
-def run_small(model):
-    return [model(SMALL_INPUT)]
-
-
-def assert_fp16_exact(t: torch.Tensor) -> None:
-    assert torch.equal(t, t.half().float())
-
-
-def config(**global_config) -> CompressionConfig:
-    return CompressionConfig(global_config=LayerCompression(**global_config))
+from tests.export.compression_helpers import (  # noqa: E402
+    KIND,
+    LUT,
+    SCALE,
+    SMALL_INPUT,
+    assert_fp16_exact,
+    config,
+    run_unet,
+    small,
+    tiny_unet,
+)
 
 
 # --------------------------------------------------------------------------------------------- palettes and grids
@@ -332,85 +285,3 @@ def test_converted_package_stores_exactly_the_torch_weights_in_the_predicted_byt
     for name in layers:
         [value] = [v for k, v in dense.items() if k.startswith(f"p_{name}_weight")]
         assert np.array_equal(value, expected_weights[name]), name
-
-
-# --------------------------------------------------------------------------------------------- mixed bits
-def _same_state(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def test_mixed_bits_meet_the_budget_with_fewer_bits_in_few_passes():
-    reference = run_small(small())
-    psnr = {}
-    for nbits in (4, 8):
-        model = small()
-        compress(model, resolve_layers(model, config(mode="palettize", nbits=nbits)))
-        psnr[nbits] = simulated_psnr(reference, run_small(model))
-    budget = (psnr[4] + psnr[8]) / 2
-    model = small()
-    cfg = CompressionConfig(mixed_bit=parse_compression(
-        {"mixed_bit": {"bits": [4, 6, 8], "min_psnr_db": budget}}, "u", "iOS17").mixed_bit)
-    chosen, report = choose_mixed_bits(model, run_small, cfg)
-    layers = len(chosen)
-    assert layers == 3 and report["psnr_db"] >= budget
-    assert simulated_psnr(reference, run_small(model)) == report["psnr_db"]
-    assert report["average_bits"] < 8 and sum(report["bits_histogram"].values()) == layers
-    assert report["forward_passes"] <= 2 + 3 * math.ceil(math.log2(layers + 1)) + 2
-    assert report["proxy"] == "output_jacobian" and report["gradient_passes"] == 4
-    again = small()
-    compress(again, chosen)
-    assert _same_state(model, again)  # the model is left as compress(model, chosen) leaves it
-    state = copy.deepcopy(model)
-    compress(model, chosen)
-    assert _same_state(model, state)  # and compressing it again changes nothing
-
-
-def test_mixed_bits_on_tiny_unet_keep_pins_and_exclusions():
-    reference = run_unet(tiny_unet())
-    model = tiny_unet()
-    cfg = parse_compression({"mixed_bit": {"bits": [2, 4], "min_psnr_db": 20},
-                             "op_name": {"conv_in": None, "conv_out": {"mode": "linear_int8"}}}, "u", "iOS17")
-    chosen, report = choose_mixed_bits(model, run_unet, cfg)
-    assert "conv_in" not in chosen and KIND not in compression_buffers(model.conv_in)
-    assert chosen["conv_out"] == LayerCompression("linear_int8", 8, "per_channel")
-    assert report["pinned"] == 1 and report["layers"] == len(chosen) - 1
-    assert report["bits_histogram"]["2"] > 0 and report["bits_histogram"]["4"] > 0
-    assert report["psnr_db"] >= 20 and simulated_psnr(reference, run_unet(model)) == report["psnr_db"]
-    assert report["forward_passes"] <= 2 + math.ceil(math.log2(report["layers"] + 1))
-
-
-def test_mixed_bits_without_gradients_rank_by_weight_error():
-    def run_no_grad(model):
-        with torch.no_grad():
-            return model(SMALL_INPUT)  # a bare tensor is one output
-
-    model = small()
-    cfg = parse_compression({"mixed_bit": {"bits": [2, 8], "min_psnr_db": 40}}, "u", "iOS17")
-    chosen, report = choose_mixed_bits(model, run_no_grad, cfg)
-    assert report["proxy"] == "weight_error" and report["gradient_passes"] == 0
-    assert report["psnr_db"] >= 40 and len(chosen) == 3
-    assert all(p.requires_grad for p in model.parameters())  # the probes' requires_grad changes are undone
-
-
-def test_mixed_bits_out_of_reach_is_a_preset_error():
-    cfg = parse_compression({"mixed_bit": {"bits": [2, 4], "min_psnr_db": 150}}, "test.yaml: unet", "iOS17")
-    with pytest.raises(PresetError, match=r"test.yaml: unet.mixed_bit.min_psnr_db 150 is out of reach"):
-        choose_mixed_bits(small(), run_small, cfg)
-
-
-def test_simulated_psnr_matches_parity_definition():
-    ref = [torch.tensor([1.0, -2.0, 0.5, 0.0])]
-    assert simulated_psnr(ref, [ref[0].clone()]) == 200.0
-    noisy = ref[0] + torch.tensor([0.02, -0.02, 0.02, -0.02])
-    assert simulated_psnr(ref, [noisy]) == round(20 * math.log10(2.0 / 0.02), 2)
-    assert simulated_psnr(ref + [ref[0]], [ref[0], noisy]) == simulated_psnr(ref, [noisy])  # worst output
-
-
-@pytest.mark.slow
-def test_parallel_kmeans_workers_start_under_pytest():
-    model, serial = small(), small()
-    layers = {"proj": LayerCompression("palettize", 4), "out": LayerCompression("palettize", 4)}
-    compress(model, layers, workers=2)
-    compress(serial, layers)
-    assert _same_state(model, serial)
