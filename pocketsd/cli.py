@@ -76,7 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               "bundle": pipe.manifest.model.get("name"), "preset": pipe.manifest.target.get("preset")}
     if init is not None:
         params.update(init_image=Path(args.init_image).name, strength=0.8 if args.strength is None else args.strength)
-    with tqdm(desc="generate", unit="step", disable=args.quiet) as bar:
+    with tqdm(total=args.steps, desc="generate", unit="step", disable=args.quiet) as bar:
         def on_step(done: int, total: int, _latents: object) -> None:
             bar.total = total
             bar.update(done - bar.n)
