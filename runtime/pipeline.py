@@ -94,15 +94,20 @@ class Pipeline:
         ids = self.tokenizer.encode([prompt]).astype(runner.component.inputs[0].dtype)
         return runner(input_ids=ids)["last_hidden_state"]
 
+    def unet_context(self, states: np.ndarray) -> np.ndarray:
+        """Text states (B, S, C) in the layout the bundle's UNet takes: Apple's (B, C, 1, S) where it says so."""
+        spec = {t.name: t for t in self.manifest.component("unet").inputs}["encoder_hidden_states"]
+        if len(spec.shape) == 4:
+            return np.ascontiguousarray(states.transpose(0, 2, 1)[:, :, None, :])
+        return states
+
     def unet(self, sample: np.ndarray, timestep: float, context: np.ndarray) -> np.ndarray:
         """One model call for every row of ``sample``: as many calls as the exported UNet batch needs. A batch-2
-        UNet without guidance (one row) gets the row twice and its first output kept."""
+        UNet without guidance (one row) gets the row twice and its first output kept. ``context`` is in the UNet's
+        layout (``unet_context``)."""
         batch = int(self.manifest.dims["unet_batch"])
         runner = self.runner("unet")
         t = np.full((batch,), timestep, dtype=np.float32)
-        layout = {spec.name: spec for spec in runner.component.inputs}["encoder_hidden_states"]
-        if len(layout.shape) == 4:  # Apple's (B, C, 1, S) layout
-            context = context.transpose(0, 2, 1)[:, :, None, :]
         outputs = []
         for start in range(0, sample.shape[0], batch):
             rows = np.arange(start, start + batch).clip(max=sample.shape[0] - 1)
@@ -131,7 +136,7 @@ class Pipeline:
         negative = "" if negative_prompt is None else negative_prompt
         guided = guidance_scale > 1.0
         cond = self.encode_prompt(prompt)
-        context = np.concatenate([self.encode_prompt(negative), cond]) if guided else cond
+        context = self.unet_context(np.concatenate([self.encode_prompt(negative), cond]) if guided else cond)
         schedule = sched.set_timesteps(num_inference_steps)
         if image is not None:
             start = schedule.start_index(strength)
