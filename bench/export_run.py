@@ -9,14 +9,13 @@ chunk, stored weight bytes, the compression report and parity figures from the m
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from pocketsd.bench.report import emit, peak_rss_bytes
 from pocketsd.runtime.hashing import size_of
 from pocketsd.runtime.manifest import load_manifest
 
@@ -48,15 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     done = subprocess.run(command)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak = peak_rss_bytes(children=True)
     if done.returncode != 0:
         return done.returncode
     result = {"command": " ".join(command[2:]), "export_s": round(seconds, 1), "peak_rss_gb": round(peak / 1e9, 2),
               **summarize(args.out)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(result, args.json)
     return 0
 
 

@@ -9,9 +9,7 @@ the same process would report the first one's peak. Step times exclude the first
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -20,10 +18,7 @@ from typing import Any
 
 import numpy as np
 
-
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux kilobytes
+from pocketsd.bench.report import emit, peak_rss_bytes
 
 
 def measure(bundle: Path, steps: int, threads: int | None, scheduler: str = "euler") -> dict[str, Any]:
@@ -73,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     result = measure(args.bundle, args.steps, args.threads, args.scheduler)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(result, args.json)
     return 0
 
 

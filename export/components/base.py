@@ -68,7 +68,6 @@ class ComponentSpec:
     outputs: tuple[IOSpec, ...]
     make_wrapper: Callable[[Any], Any]
     batch_from: str = "one"  # which Dims field gives this component's batch ("unet_batch") or "one"
-    parity_inputs: str = "seeded"
 
     def batch(self, dims: Dims) -> int:
         return 1 if self.batch_from == "one" else dims.size(self.batch_from, 1)
