@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -85,18 +85,45 @@ def export_bundle(request: ExportRequest) -> Path:
     return Path(request.out)
 
 
-def _prepare_for_coreml(component_id: str, model: Any, dims: Dims, preset: Preset, seed: int
-                        ) -> tuple[Any, dict[str, int], set[str], dict[str, Any]]:
-    """Attention form, then compression (before capture and cut); returns what the planner and writer need."""
+@dataclass
+class Prepared:
+    """A component's module made ready for capture, and what the planner and writer need to know about it."""
+
+    model: Any
+    weight_bytes: dict[str, int] | None = None  # stored bytes per parameter, when they differ from fp32
+    compressed: set[str] = field(default_factory=set)  # parameters stored compressed (palettized / quantized)
+    extra: dict[str, Any] = field(default_factory=dict)  # component-level figures for the manifest
+
+
+def _prepare(component_id: str, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
+    """Attention form (every backend), then the lossy step of the backend, before capture and cut so that chunks
+    balance by their stored bytes: CoreML compression, or ONNX weight quantization."""
     from pocketsd.export.components.attention import set_attention
+
+    set_attention(model, preset.attention.form, slice_mb=preset.attention.slice_mb)
+    if preset.backend == "coreml":
+        return _prepare_for_coreml(component_id, model, dims, preset, seed)
+    if component_id in preset.quantize:
+        return _prepare_for_onnx(component_id, model, dims, preset, seed)
+    return Prepared(model)
+
+
+def _prepare_for_coreml(component_id: str, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
     from pocketsd.export.compress_component import compress_component, stored_bytes_only
 
-    set_attention(model, preset.coreml.attention)
     config = preset.coreml.compression.get(component_id)
     if config is None:
-        return model, stored_bytes_only(model, preset.precision), set(), {}
+        return Prepared(model, stored_bytes_only(model, preset.precision))
     done = compress_component(SD_COMPONENTS[component_id], model, dims, config, preset.precision, seed)
-    return done.model, done.stored_bytes, done.compressed, {"compression": done.report}
+    return Prepared(done.model, done.stored_bytes, done.compressed, {"compression": done.report})
+
+
+def _prepare_for_onnx(component_id: str, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
+    """ONNX weight quantization (int8 / int4): quantized in PyTorch before the cut, gated against fp32."""
+    from pocketsd.export.weight_quantization import quantize_component
+
+    done = quantize_component(SD_COMPONENTS[component_id], model, dims, preset.quantize[component_id], seed)
+    return Prepared(done.model, done.stored_bytes, done.compressed, {"quantization": done.report})
 
 
 def _export_into(folder: ModelFolder, source: str, request: ExportRequest, staging: Path) -> Manifest:
@@ -107,14 +134,11 @@ def _export_into(folder: ModelFolder, source: str, request: ExportRequest, stagi
     with bar:
         for component_id, model in _modules(folder, preset.components):
             bar.set_postfix_str(component_id)
-            extra: dict[str, Any] = {}
-            weight_bytes, compressed = None, set()
-            if preset.backend == "coreml":
-                model, weight_bytes, compressed, extra = _prepare_for_coreml(component_id, model, dims, preset,
-                                                                             request.seed)
-            captured = capture(SD_COMPONENTS[component_id], model, dims, seed=request.seed)
+            prepared = _prepare(component_id, model, dims, preset, request.seed)
+            captured = capture(SD_COMPONENTS[component_id], prepared.model, dims, seed=request.seed)
             component, plan = write_component(captured, preset, staging, progress=request.progress,
-                                              weight_bytes=weight_bytes, compressed=compressed, extra=extra)
+                                              weight_bytes=prepared.weight_bytes, compressed=prepared.compressed,
+                                              extra=prepared.extra)
             components[component_id], plans[component_id] = component, plan.to_dict()
             bar.update()
     vae = folder.config("vae")

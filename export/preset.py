@@ -22,7 +22,7 @@ COMPONENT_IDS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 BACKENDS = ("onnx", "coreml")
 PRECISIONS = {"onnx": ("fp32",), "coreml": ("fp32", "fp16")}
 _TOP_KEYS = ("name", "description", "backend", "precision", "resolution", "unet_batch", "components", "split",
-             "parity", "runtime", "coreml")
+             "parity", "runtime", "coreml", "attention", "vae_tiling", "quantize")
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,52 @@ class ParityConfig:
         return self.per_component.get(component, self.min_psnr_db)
 
 
+MEMORY_POLICIES = ("resident", "stream", "prefetch")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     threads: int = 0
-    low_memory: bool = False
+    low_memory: bool = False  # onnxruntime: no memory arena / pattern planning
+    memory: str = "resident"  # resident | stream | prefetch (see runtime/execution.py)
+
+
+ATTENTION_FORMS = ("original", "split_einsum", "sliced")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """How attention layers are written at export. ``sliced`` computes attention in query slices so that no score
+    block (heads × query slice × keys × 4 bytes) exceeds ``slice_mb`` megabytes."""
+
+    form: str = "original"
+    slice_mb: float = 16.0
+
+
+@dataclass(frozen=True)
+class VaeTiling:
+    """The VAE is exported at one tile's size and run over overlapping tiles, blended (latent pixels)."""
+
+    tile: int = 32
+    overlap: int = 8
+
+
+QUANT_MODES = ("int8", "int4")
+# Quality gate of ONNX weight quantization: the quantized component against fp32, on the seeded export inputs.
+QUANT_MIN_PSNR_DB = {"int8": 30.0, "int4": 15.0}
+
+
+@dataclass(frozen=True)
+class WeightQuantization:
+    """ONNX weight-only quantization of one component: int8 per output channel, or int4 in blocks of
+    ``block_size`` input channels. ``min_psnr_db`` gates the export (quantized vs fp32)."""
+
+    mode: str
+    block_size: int = 128
+    min_psnr_db: float = 30.0
 
 
 COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
-ATTENTION_FORMS = ("original", "split_einsum")
 DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
 
 
@@ -80,6 +118,9 @@ class Preset:
     parity: ParityConfig = field(default_factory=ParityConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     coreml: CoreMLConfig = field(default_factory=CoreMLConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    vae_tiling: VaeTiling | None = None
+    quantize: Mapping[str, WeightQuantization] = field(default_factory=dict)  # component id → quantization
 
     def split_for(self, component: str) -> SplitRequest:
         return self.split.get(component, self.split.get("default", SplitRequest()))
@@ -92,6 +133,8 @@ class Preset:
             "split": {k: {f: v for f, v in vars(r).items() if v is not None} for k, r in self.split.items()},
             "parity": {"min_psnr_db": self.parity.min_psnr_db, "per_component": dict(self.parity.per_component)},
             "runtime": vars(self.runtime), **({"coreml": self.coreml.to_dict()} if self.backend == "coreml" else {}),
+            "attention": vars(self.attention), "vae_tiling": vars(self.vae_tiling) if self.vae_tiling else None,
+            "quantize": {k: vars(v) for k, v in self.quantize.items()},
         }
 
 
@@ -182,11 +225,18 @@ def preset_from_dict(data: Any, source: str) -> Preset:
     per = par.child("per_component")
     per.only(COMPONENT_IDS)
     run = top.child("runtime")
-    run.only(("threads", "low_memory"))
+    run.only(("threads", "low_memory", "memory"))
     low = run.choice("low_memory", (True, False), False)
+    memory = run.choice("memory", MEMORY_POLICIES, "resident")
     if top.data.get("coreml") and backend != "coreml":
         top.at("coreml").fail("is set but backend is not coreml", "remove it or set backend: coreml")
     coreml = _coreml_config(top.child("coreml"), components) if backend == "coreml" else CoreMLConfig()
+    attention = _attention_config(top, coreml)
+    if top.data.get("quantize") and backend != "onnx":
+        top.at("quantize").fail("is set but backend is not onnx",
+                                "CoreML presets compress with coreml.compression instead")
+    quantize = _quantize_config(top.child("quantize"), components)
+    tiling = _vae_tiling(top.child("vae_tiling")) if top.data.get("vae_tiling") is not None else None
     return Preset(
         name=str(top.data.get("name") or Path(source).stem), source=source, backend=backend, precision=precision,
         description=str(top.data.get("description", "")),
@@ -194,8 +244,52 @@ def preset_from_dict(data: Any, source: str) -> Preset:
         unet_batch=top.choice("unet_batch", (1, 2), 2), components=components, split=split,
         parity=ParityConfig(par.number("min_psnr_db", 60.0, float),
                             {k: per.number(k, 0.0, float) for k in per.data}),
-        runtime=RuntimeConfig(run.number("threads", 0, int), low), coreml=coreml,
+        runtime=RuntimeConfig(run.number("threads", 0, int), low, memory), coreml=coreml,
+        attention=attention, vae_tiling=tiling, quantize=quantize,
     )
+
+
+def _attention_config(top: _Reader, coreml: CoreMLConfig) -> AttentionConfig:
+    """Top-level ``attention: {form, slice_mb}``; a CoreML preset may give the form as ``coreml.attention`` instead."""
+    if top.data.get("attention") is None:
+        return AttentionConfig(form=coreml.attention)
+    if "attention" in (top.data.get("coreml") or {}):
+        top.at("coreml.attention").fail("is set as well as the top-level attention", "keep one of them")
+    reader = top.child("attention")
+    reader.only(("form", "slice_mb"))
+    return AttentionConfig(form=reader.choice("form", ATTENTION_FORMS, "original"),
+                           slice_mb=reader.number("slice_mb", 16.0, float, 0.001))
+
+
+def _vae_tiling(reader: _Reader) -> VaeTiling:
+    reader.only(("tile", "overlap"))
+    tiling = VaeTiling(tile=reader.number("tile", 32, int, 8), overlap=reader.number("overlap", 8, int, 0))
+    if tiling.overlap * 2 > tiling.tile:
+        reader.at("overlap").fail(f"is {tiling.overlap}, more than half the tile ({tiling.tile})",
+                                  "use an overlap of at most tile / 2 latent pixels")
+    return tiling
+
+
+def _quantize_config(reader: _Reader, components: tuple[str, ...]) -> dict[str, WeightQuantization]:
+    reader.only((*COMPONENT_IDS, "default"))
+    default = reader.data.get("default")
+    out: dict[str, WeightQuantization] = {}
+    for component in components:
+        if component in reader.data:
+            item = reader.child(component)
+        elif default is not None:
+            item = reader.child("default")
+        else:
+            continue
+        if item.data is None or item.data == {}:
+            continue
+        item.only(("weights", "block_size", "min_psnr_db"))
+        mode = item.choice("weights", QUANT_MODES, None)
+        block = item.number("block_size", 128, int, 16)
+        if block & (block - 1):
+            item.at("block_size").fail(f"is {block}, not a power of two", "use 32, 64, 128 or 256")
+        out[component] = WeightQuantization(mode, block, item.number("min_psnr_db", QUANT_MIN_PSNR_DB[mode], float))
+    return out
 
 
 def _coreml_config(reader: _Reader, components: tuple[str, ...]) -> CoreMLConfig:

@@ -68,7 +68,7 @@ ATTENTION.register("original")(_original)
 ATTENTION.register("split_einsum")(SplitEinsumAttnProcessor)
 
 
-def set_attention(model: torch.nn.Module, form: str) -> None:
+def set_attention(model: torch.nn.Module, form: str, slice_mb: float = 16.0) -> None:
     """Give every attention layer of a diffusers UNet or VAE the processor of ``form``."""
     if hasattr(model, "set_attn_processor"):
         model.set_attn_processor(ATTENTION.get(form)())
