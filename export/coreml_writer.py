@@ -60,7 +60,7 @@ class CoreMLTarget:
 
 
 def _np_dtype(dtype: str) -> Any:
-    return {"float32": np.float32, "float16": np.float16, "int32": np.int32}[dtype]
+    return {"float32": np.float32, "float16": np.float16, "int32": np.int32, "bool": np.bool_}[dtype]
 
 
 def write_mlpackage(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], inputs: Sequence[TensorSpec],
@@ -85,7 +85,8 @@ def write_mlpackage(module: torch.nn.Module, example_inputs: Sequence[torch.Tens
             program, convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, target.deployment_target),
             compute_precision=precision,
             inputs=[ct.TensorType(name=names[s.name], shape=s.shape, dtype=_np_dtype(s.dtype)) for s in inputs],
-            outputs=[ct.TensorType(name=names[s.name], dtype=np.float32) for s in outputs],
+            outputs=[ct.TensorType(name=names[s.name], dtype=np.float32 if s.dtype.startswith("float")
+                                   else _np_dtype(s.dtype)) for s in outputs],
             pass_pipeline=_unique_palettization(palettes), skip_model_load=True,
         )
     model.short_description = f"pocketsd chunk ({len(inputs)} inputs, {len(outputs)} outputs)"

@@ -23,6 +23,7 @@ from pocketsd.export.capture import capture
 from pocketsd.export.components import SD_COMPONENTS, Dims
 from pocketsd.export.model_loader import ModelFolder, load_module, open_model_folder
 from pocketsd.export.preset import Preset
+from pocketsd.export.read_back import read_back
 from pocketsd.export.write_component import write_component
 from pocketsd.runtime.manifest import Manifest
 from pocketsd.staging import staged_folder
@@ -82,6 +83,7 @@ def export_bundle(request: ExportRequest) -> Path:
     with staged_folder(request.out, "bundle") as staging, ExitStack() as stack:
         folder, source = _model_folder(request.model, stack)
         _export_into(folder, source, request, staging).write(staging)
+        read_back(staging)
     return Path(request.out)
 
 

@@ -27,7 +27,7 @@ EXTERNAL_DATA_ABOVE = 1_800_000_000
 @contextlib.contextmanager
 def quiet_exporter():
     """torch.onnx prints progress and version chatter on stdout; the CLI has its own progress bars."""
-    noisy = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
+    noisy = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "torch.export", "onnxscript", "onnx_ir")]
     levels = [lg.level for lg in noisy]
     for lg in noisy:
         lg.setLevel(logging.ERROR)

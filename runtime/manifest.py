@@ -19,7 +19,8 @@ from pocketsd.errors import BundleError
 FORMAT = "pocketsd-bundle"
 SCHEMA_VERSION = "1.0"
 MANIFEST_NAME = "manifest.json"
-DTYPES = ("float32", "float16", "int64", "int32")
+DTYPES = ("float32", "float16", "int64", "int32", "bool")  # bool: e.g. a causal mask crossing a text-encoder cut
+DTYPE_BYTES = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "bool": 1}
 CHUNK_FORMATS = ("onnx", "mlpackage")
 
 
@@ -37,7 +38,7 @@ class TensorSpec:
         size = 1
         for dim in self.shape:
             size *= dim
-        return size * (2 if self.dtype == "float16" else 4 if self.dtype in ("float32", "int32") else 8)
+        return size * DTYPE_BYTES[self.dtype]
 
 
 @dataclass(frozen=True)
