@@ -64,7 +64,15 @@ def resolve_dims(folder: ModelFolder, preset: Preset) -> Dims:
                           f"{unet['cross_attention_dim']}: the model folder mixes two models")
     return Dims(height=height, width=width, latent_channels=int(unet["in_channels"]), vae_scale_factor=scale,
                 text_length=int(text["max_position_embeddings"]), text_hidden=int(text["hidden_size"]),
-                vocab_size=int(text["vocab_size"]), unet_batch=preset.unet_batch)
+                vocab_size=int(text["vocab_size"]), unet_batch=preset.unet_batch,
+                vae_tile=preset.vae_tiling.tile if preset.vae_tiling else 0,
+                vae_overlap=preset.vae_tiling.overlap if preset.vae_tiling else 0)
+
+
+def _tiling_extra(component_id: str, dims: Dims) -> dict[str, Any]:
+    """A VAE component exported at one tile's size says so (``Component.extra["tiling"]``, runtime/manifest.py)."""
+    tiling = dims.vae_tiling() if component_id in ("vae_decoder", "vae_encoder") else None
+    return {"tiling": tiling} if tiling else {}
 
 
 def _modules(folder: ModelFolder, components: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
@@ -140,7 +148,7 @@ def _export_into(folder: ModelFolder, source: str, request: ExportRequest, stagi
             captured = capture(SD_COMPONENTS[component_id], prepared.model, dims, seed=request.seed)
             component, plan = write_component(captured, preset, staging, progress=request.progress,
                                               weight_bytes=prepared.weight_bytes, compressed=prepared.compressed,
-                                              extra=prepared.extra)
+                                              extra={**prepared.extra, **_tiling_extra(component_id, dims)})
             components[component_id], plans[component_id] = component, plan.to_dict()
             bar.update()
     vae = folder.config("vae")

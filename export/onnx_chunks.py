@@ -7,6 +7,7 @@ import torch
 from pocketsd.export import onnx_writer
 from pocketsd.export.bundle_files import file_ref
 from pocketsd.export.slicing import ChunkModule
+from pocketsd.export.weight_quantization import store_chunk_quantized
 from pocketsd.export.write_component import WRITERS, ComponentJob, spec_of
 from pocketsd.runtime.manifest import Chunk
 from pocketsd.runtime.sessions import SessionOptions
@@ -20,10 +21,15 @@ class OnnxChunkWriter:
 
     def write(self, job: ComponentJob, cm: ChunkModule, example: list[torch.Tensor]) -> Chunk:
         files = onnx_writer.write_chunk(cm.plan, cm.module, example, job.folder / f"{cm.plan.id}.onnx")
+        extra = {}
+        quantization = job.preset.quantize.get(job.captured.spec.id)
+        if quantization is not None:  # onnx::int8_weights / onnx::int4_weights: store the grid PyTorch measured
+            files, summary = store_chunk_quantized(files, cm.module, job.compressed, quantization, cm.plan.id)
+            extra = {"quantization": summary} if summary else {}
         refs = [file_ref(job.bundle_dir, f) for f in files]
         return Chunk(id=cm.plan.id, format=self.format, file=refs[0], data_files=tuple(refs[1:]),
                      weight_bytes=cm.plan.weight_bytes, inputs=tuple(spec_of(t) for t in cm.plan.inputs),
-                     outputs=tuple(spec_of(t) for t in cm.plan.outputs), modules=cm.plan.modules)
+                     outputs=tuple(spec_of(t) for t in cm.plan.outputs), modules=cm.plan.modules, extra=extra)
 
     def runnable(self) -> str | None:
         return None

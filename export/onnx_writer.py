@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Sequence
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 import torch
+from onnxscript.optimizer import fold_constants
 
 from pocketsd.errors import InternalError
+from pocketsd.export.onnx_files import save_chunk_model
 from pocketsd.export.plan import PlannedChunk
 
 log = logging.getLogger(__name__)
-# Protobuf refuses messages over 2 GiB; leave room for the graph itself.
-EXTERNAL_DATA_ABOVE = 1_800_000_000
 
 
 @contextlib.contextmanager
@@ -47,12 +48,16 @@ def _strip_trace_metadata(model: ir.Model) -> None:
         node.metadata_props.clear()
 
 
+def _fold_weight_transposes(node: ir.Node) -> bool | None:
+    """Fold a Transpose of an initializer (True); leave every other decision to the folder's defaults (None)."""
+    if node.op_type == "Transpose" and all(i is not None and i.const_value is not None for i in node.inputs):
+        return True
+    return None
+
+
 def write_onnx(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], input_names: Sequence[str],
                output_names: Sequence[str], path: Path) -> list[Path]:
-    """Export ``module`` to ``path``; returns the files written (the .onnx and any external data file)."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    weight_bytes += sum(b.numel() * b.element_size() for b in module.buffers())
-    external = weight_bytes > EXTERNAL_DATA_ABOVE
+    """Export ``module`` to ``path``; returns the files written (the .onnx and its weights file)."""
     with quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
             module, tuple(example_inputs), dynamo=True, input_names=list(input_names),
@@ -61,12 +66,13 @@ def write_onnx(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
         if program is None:
             raise InternalError("torch.onnx.export returned no program")
         _strip_trace_metadata(program.model)
-        program.save(str(path), external_data=external)
-    files = [path]
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        files.append(data)
-    return files
+        # A Linear applied to several token slices (feed-forward slicing) is written either with one transposed
+        # copy of its weight per slice or with a Transpose of the weight at run time (the exporter's constant folding
+        # skips large tensors). Fold weight transposes whatever their size, then merge identical initializers (the
+        # pass's default also skips any over 1024 elements, which are exactly the ones that matter here).
+        fold_constants(program.model, should_fold=_fold_weight_transposes)
+        common_passes.DeduplicateInitializersPass(size_limit=1 << 62)(program.model)
+        return save_chunk_model(program.model, path)
 
 
 def write_chunk(chunk: PlannedChunk, module: torch.nn.Module, example_inputs: Sequence[torch.Tensor],

@@ -53,6 +53,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory(args: argparse.Namespace) -> str | None:
+    """--memory, or --low-memory (= --memory stream); None: the bundle's preset decides."""
+    from pocketsd.runtime.execution import check_memory
+
+    if args.low_memory and args.memory not in (None, "stream"):
+        raise UserError(f"--low-memory means --memory stream, but --memory {args.memory} was also given",
+                        "give only one of them", code="generate")
+    memory = "stream" if args.low_memory else args.memory
+    return None if memory is None else check_memory(memory)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import secrets
 
@@ -66,7 +77,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"unknown scheduler {args.scheduler!r}", f"known: {', '.join(available())}", code="generate")
     if args.init_image is None and args.strength is not None:
         raise UserError("--strength needs --init-image", "add --init-image PNG, or drop --strength", code="generate")
-    pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, compute_units=args.compute_units)
+    pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, compute_units=args.compute_units,
+                                memory=_memory(args))
     init = load_image(args.init_image) if args.init_image else None
     if init is not None:  # fail on a wrong size now, not after the prompt is encoded
         image_to_array(init, pipe.manifest.dims["height"], pipe.manifest.dims["width"])
@@ -135,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: the preset's; 0 = all cores)")
     p.add_argument("--compute-units", choices=("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"),
                    help="CoreML bundles on macOS: where to run")
+    p.add_argument("--memory", metavar="{resident,stream,prefetch}",
+                   help="when chunks are loaded: resident (all kept), stream (one at a time: least memory), prefetch "
+                        "(stream, loading the next chunk while one runs); default: the bundle's preset, else resident")
+    p.add_argument("--low-memory", action="store_true", help="the same as --memory stream")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_generate)

@@ -2,6 +2,7 @@
 
 Each chunk input is fed from a component input or an earlier chunk's output (its ``source``); every feed's dtype and
 shape is checked against the manifest before the call, and intermediate tensors are dropped after their last use.
+Sessions come from an execution policy (execution.py), which decides when each chunk is opened and released.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Sequence
 import numpy as np
 
 from pocketsd.errors import BundleError
-from pocketsd.runtime.manifest import Component, TensorSpec
-from pocketsd.runtime.sessions import ChunkSession, SessionOptions, open_chunk
+from pocketsd.runtime.execution import ExecutionPolicy, Feeds, chunk_opener, make_policy
+from pocketsd.runtime.manifest import Chunk, Component, TensorSpec
+from pocketsd.runtime.sessions import SessionOptions
 
 
 def _check(owner: str, spec: TensorSpec, value: np.ndarray) -> None:
@@ -26,16 +28,17 @@ def _check(owner: str, spec: TensorSpec, value: np.ndarray) -> None:
 
 
 class ComponentRunner:
-    def __init__(self, component: Component, sessions: Sequence[ChunkSession]) -> None:
-        if len(sessions) != len(component.chunks):
-            raise BundleError(f"{component.id}: {len(sessions)} sessions for {len(component.chunks)} chunks")
+    def __init__(self, component: Component, policy: ExecutionPolicy) -> None:
         self.component = component
-        self.sessions = list(sessions)
+        self.policy = policy
         self._release = self._last_uses()
+        policy.prepare(component.chunks)  # resident: every chunk opened (and hash-checked) now, as before
 
     @classmethod
-    def open(cls, bundle_dir: Path, component: Component, options: SessionOptions) -> "ComponentRunner":
-        return cls(component, [open_chunk(Path(bundle_dir), chunk, options) for chunk in component.chunks])
+    def open(cls, bundle_dir: Path, component: Component, options: SessionOptions,
+             memory: str = "resident") -> "ComponentRunner":
+        """A runner with its own policy. A pipeline shares one policy across its components instead."""
+        return cls(component, make_policy(memory, chunk_opener(bundle_dir, options)))
 
     def _last_uses(self) -> list[list[str]]:
         """For each chunk, the sources no later chunk or component output reads."""
@@ -51,22 +54,39 @@ class ComponentRunner:
                 release[i].append(source)
         return release
 
-    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def _bind(self, inputs: Feeds) -> dict[str, np.ndarray]:
         values: dict[str, np.ndarray] = {}
         for spec in self.component.inputs:
             if spec.name not in inputs:
                 raise BundleError(f"{self.component.id} needs input {spec.name!r}")
             _check(self.component.id, spec, inputs[spec.name])
             values[f"input:{spec.name}"] = inputs[spec.name]
-        for chunk, session, release in zip(self.component.chunks, self.sessions, self._release):
-            feeds = {}
-            for spec in chunk.inputs:
-                value = values[spec.source or ""]
-                _check(chunk.id, spec, value)
-                feeds[spec.name] = value
-            outputs = session.run(feeds)
-            for spec in chunk.outputs:
-                values[f"{chunk.id}:{spec.name}"] = outputs[spec.name]
-            for source in release:
-                values.pop(source, None)
-        return {spec.name: values[spec.source or ""] for spec in self.component.outputs}
+        return values
+
+    @staticmethod
+    def _feeds(chunk: Chunk, values: dict[str, np.ndarray]) -> Feeds:
+        feeds = {}
+        for spec in chunk.inputs:
+            value = values[spec.source or ""]
+            _check(chunk.id, spec, value)
+            feeds[spec.name] = value
+        return feeds
+
+    def run_many(self, rows: Sequence[Feeds]) -> list[dict[str, np.ndarray]]:
+        """Several input sets through the chain chunk-major: each chunk is used once for all of them (opened once
+        under stream/prefetch) before the next. Each result equals a call with that input set alone."""
+        values = [self._bind(row) for row in rows]
+        chunks = self.component.chunks
+        for i, (chunk, release) in enumerate(zip(chunks, self._release)):
+            following = chunks[i + 1] if i + 1 < len(chunks) else self.policy.after_last(chunks[0])
+            outputs = self.policy.run(chunk, following, [self._feeds(chunk, v) for v in values])
+            for row_values, row_outputs in zip(values, outputs):
+                for spec in chunk.outputs:
+                    row_values[f"{chunk.id}:{spec.name}"] = row_outputs[spec.name]
+                for source in release:
+                    row_values.pop(source, None)
+            del outputs
+        return [{spec.name: v[spec.source or ""] for spec in self.component.outputs} for v in values]
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        return self.run_many([inputs])[0]

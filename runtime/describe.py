@@ -30,6 +30,7 @@ def describe(manifest: Manifest, bundle_dir: Path) -> dict[str, Any]:
     return {
         "bundle": str(bundle_dir), "schema_version": manifest.schema_version, "model": manifest.model,
         "target": {k: v for k, v in manifest.target.items() if k != "config"}, "dims": manifest.dims,
+        "config": manifest.target.get("config", {}),
         "components": [
             {"id": c.id, "chunks": [_chunk_row(ch) for ch in c.chunks],
              "psnr_db": c.parity.psnr_db if c.parity else None, "max_abs": c.parity.max_abs if c.parity else None,
@@ -62,9 +63,29 @@ def _notes(extra: dict[str, Any]) -> list[str]:
         if mixed:
             bits = ", ".join(f"{b}-bit ×{n}" for b, n in mixed["bits_histogram"].items())
             lines.append(f"{'':<16} mixed-bit: {bits}; average {mixed['average_bits']:.2f} bits")
+    quantization = extra.get("quantization")
+    if quantization:
+        q = quantization
+        block = f" (blocks of {q['block_size']})" if "block_size" in q else ""
+        lines.append(f"{'':<16} quantization: {q['mode']}{block} ×{q['layers']} layers; PSNR {q['psnr_db']:.1f} dB "
+                     f"vs fp32 (PyTorch, gate ≥ {q['min_psnr_db']:.1f} dB); {q['stored_weight_bytes'] / 1e6:.1f} MB "
+                     f"stored of {q['fp32_weight_bytes'] / 1e6:.1f} MB fp32")
     if extra.get("parity_not_run"):
         lines.append(f"{'':<16} parity: {extra['parity_not_run']}")
     return lines
+
+
+def _run_line(info: dict[str, Any]) -> str:
+    """How the bundle runs: memory policy and attention form (its preset's), VAE tiles (the decoder's own record)."""
+    config = info.get("config", {})
+    attention = config.get("attention") or {}
+    tiling = next((c.get("extra", {}).get("tiling") for c in info["components"] if c["id"] == "vae_decoder"), None)
+    parts = [f"memory {config.get('runtime', {}).get('memory', 'resident')}",
+             f"attention {attention.get('form', 'original')}"
+             + (f" (score blocks ≤ {attention['slice_mb']:g} MiB)" if attention.get("form") == "sliced" else ""),
+             f"VAE in {tiling['tile_height']}×{tiling['tile_width']} latent tiles, overlap {tiling['overlap']}"
+             if tiling else "VAE untiled"]
+    return "run      " + ", ".join(parts)
 
 
 def format_table(info: dict[str, Any]) -> str:
@@ -75,6 +96,7 @@ def format_table(info: dict[str, Any]) -> str:
         f"target   preset {target.get('preset')}, backend {target.get('backend')}, precision {target.get('precision')}",
         f"dims     {dims['height']}x{dims['width']} image, {dims['latent_height']}x{dims['latent_width']} latent, "
         f"UNet batch {dims['unet_batch']}, text {dims['text_length']} tokens",
+        _run_line(info),
         "",
         f"{'chunk':<16} {'format':<9} {'file MB':>9} {'weights MB':>10} {'PSNR dB':>9} {'max abs':>10}  modules",
     ]

@@ -4,6 +4,17 @@ A bundle is a folder with ``manifest.json``. Everything a reader needs is in it:
 sha256, each chunk's inputs and outputs (name, dtype, shape), and for every chunk input where its value comes from:
 ``input:<component input>`` or ``<chunk id>:<output name>``. Nothing is found by file-name conventions.
 
+Component ``extra`` entries a reader acts on:
+
+``tiling``  (``vae_decoder``, ``vae_encoder``) the component was exported at one tile's size and is run over
+    overlapping tiles of the image, blended (:mod:`pocketsd.runtime.tiling`)::
+
+        "tiling": {"space": "latent", "tile_height": 32, "tile_width": 32, "overlap": 8}
+
+    Sizes are in latent pixels: the decoder's ``z`` is ``[1, C, tile_height, tile_width]`` and the encoder's ``x``
+    ``vae_scale_factor`` times that in pixels; ``overlap`` latent pixels are shared by neighbouring tiles. The
+    manifest's ``dims`` keep the whole image's sizes. Absent: the component takes the whole latent / image.
+
 This module is torch-free: the exporter builds these dataclasses and writes them, the runtime reads them.
 """
 

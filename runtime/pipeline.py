@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,11 +21,13 @@ import numpy as np
 
 from pocketsd.errors import BundleError, GenerateError
 from pocketsd.runtime.chain import ComponentRunner
-from pocketsd.runtime.hashing import sha256_path
+from pocketsd.runtime.execution import check_memory, check_streamable, chunk_opener, make_policy
+from pocketsd.runtime.hashing import sha256_once
 from pocketsd.runtime.images import image_to_array, to_pil
 from pocketsd.runtime.manifest import Manifest, load_manifest
 from pocketsd.runtime.schedulers import NoiseSource, SchedulerConfig, make_scheduler
 from pocketsd.runtime.sessions import SessionOptions, verify_chunk
+from pocketsd.runtime.tiling import call_tiled
 from pocketsd.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -38,16 +41,23 @@ StepCallback = Callable[[int, int, np.ndarray], None]  # (step done, steps in to
 
 
 class Pipeline:
-    def __init__(self, bundle_dir: Path, manifest: Manifest, options: SessionOptions) -> None:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, options: SessionOptions,
+                 memory: str = "resident") -> None:
+        """``memory``: when chunk sessions are opened and released (runtime/execution.py): resident (all kept),
+        stream (one alive at a time) or prefetch (stream, with the next chunk opened in the background)."""
+        check_streamable(manifest, check_memory(memory))  # before any work
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
-        self.options = options
+        self.memory = memory
+        self.options = replace(options, transient=memory != "resident")
+        self.policy = make_policy(memory, chunk_opener(self.bundle_dir, self.options))
         self._runners: dict[str, ComponentRunner] = {}
         self.tokenizer = self._open_tokenizer()
 
     @classmethod
     def from_bundle(cls, path: str | Path, *, threads: int | None = None, low_memory: bool | None = None,
-                    compute_units: str | None = None) -> "Pipeline":
+                    compute_units: str | None = None, memory: str | None = None) -> "Pipeline":
+        """``memory`` defaults to the bundle's preset (``runtime.memory``), else resident."""
         manifest = load_manifest(path)
         config = manifest.target.get("config", {})
         runtime = config.get("runtime", {})
@@ -56,7 +66,14 @@ class Pipeline:
             low_memory=bool(runtime.get("low_memory", False) if low_memory is None else low_memory),
             compute_units=compute_units or str(config.get("coreml", {}).get("compute_units", "all")),
         )
-        return cls(Path(path), manifest, options)
+        if memory is None:
+            memory = check_memory(str(runtime.get("memory", "resident")), BundleError)
+        return cls(Path(path), manifest, options, memory)
+
+    def close(self) -> None:
+        """Release every chunk session now (as garbage collection would); the pipeline cannot generate after."""
+        self.policy.close()
+        self._runners.clear()
 
     @property
     def default_scheduler(self) -> str:
@@ -69,18 +86,22 @@ class Pipeline:
         if "vocab.json" not in files:
             raise BundleError(f"{self.bundle_dir}: the manifest names no tokenizer vocab.json", "re-export the bundle")
         for ref in files.values():
-            if sha256_path(self.bundle_dir / ref.path) != ref.sha256:
+            if sha256_once(self.bundle_dir / ref.path) != ref.sha256:
                 raise BundleError(f"{self.bundle_dir / ref.path} does not match its sha256 in the manifest",
                                   "re-export or re-copy the bundle")
         folder = self.bundle_dir / Path(files["vocab.json"].path).parent
         return ClipTokenizer.from_dir(folder, max_length=int(self.manifest.tokenizer["max_length"]))
 
     def runner(self, component_id: str) -> ComponentRunner:
-        """The component's chain of chunk sessions, opened (and hash-checked) once, then reused."""
+        """The component's chain of chunks. Resident: its sessions are opened (and hash-checked) here, once; stream
+        and prefetch open each chunk when it runs (its files are still hash-checked only once per process)."""
         if component_id not in self._runners:
-            component = self.manifest.component(component_id)
-            self._runners[component_id] = ComponentRunner.open(self.bundle_dir, component, self.options)
+            self._runners[component_id] = ComponentRunner(self.manifest.component(component_id), self.policy)
         return self._runners[component_id]
+
+    def _expect(self, component_id: str | None) -> None:
+        """Tell the policy what the pipeline needs after the component that runs next (prefetch opens it early)."""
+        self.policy.hint(self.manifest.component(component_id).chunks[0] if component_id else None)
 
     def verify(self) -> None:
         """Check every chunk file of every component against the manifest's sha256 now, not on first use."""
@@ -104,16 +125,19 @@ class Pipeline:
     def unet(self, sample: np.ndarray, timestep: float, context: np.ndarray) -> np.ndarray:
         """One model call for every row of ``sample``: as many calls as the exported UNet batch needs. A batch-2
         UNet without guidance (one row) gets the row twice and its first output kept. ``context`` is in the UNet's
-        layout (``unet_context``)."""
+        layout (``unet_context``). Under stream/prefetch the calls run chunk-major, so each chunk is opened once
+        per step, not once per call; the results are the same."""
         batch = int(self.manifest.dims["unet_batch"])
         runner = self.runner("unet")
         t = np.full((batch,), timestep, dtype=np.float32)
-        outputs = []
+        feeds = []
         for start in range(0, sample.shape[0], batch):
             rows = np.arange(start, start + batch).clip(max=sample.shape[0] - 1)
-            out = runner(sample=np.ascontiguousarray(sample[rows]), timestep=t,
-                         encoder_hidden_states=np.ascontiguousarray(context[rows]))["noise_pred"]
-            outputs.append(out[: min(batch, sample.shape[0] - start)])
+            feeds.append({"sample": np.ascontiguousarray(sample[rows]), "timestep": t,
+                          "encoder_hidden_states": np.ascontiguousarray(context[rows])})
+        calls = runner.run_many(feeds) if self.policy.chunk_major else [runner(**f) for f in feeds]
+        outputs = [out["noise_pred"][: min(batch, sample.shape[0] - start)]
+                   for out, start in zip(calls, range(0, sample.shape[0], batch))]
         return np.concatenate(outputs, axis=0)
 
     # -- generation ------------------------------------------------------------------------------------------------
@@ -135,7 +159,11 @@ class Pipeline:
             generator = np.random.default_rng(secrets.randbelow(2**31) if seed is None else int(seed))
         negative = "" if negative_prompt is None else negative_prompt
         guided = guidance_scale > 1.0
+        after_text = "unet" if image is None else "vae_encoder"
+        self._expect("text_encoder" if guided else after_text)  # what comes next, for the prefetch policy
         cond = self.encode_prompt(prompt)
+        if guided:
+            self._expect(after_text)
         context = self.unet_context(np.concatenate([self.encode_prompt(negative), cond]) if guided else cond)
         schedule = sched.set_timesteps(num_inference_steps)
         if image is not None:
@@ -143,6 +171,7 @@ class Pipeline:
             if start >= len(schedule.timesteps):
                 raise GenerateError(f"strength {strength} with {num_inference_steps} steps leaves no step to run",
                                     "raise --strength or --steps")
+            self._expect("unet")
             x = self._img2img_latents(image, sched, schedule, start, generator)
         else:
             start = 0
@@ -151,6 +180,8 @@ class Pipeline:
         total = len(schedule.timesteps) - start
         for done, i in enumerate(range(start, len(schedule.timesteps)), start=1):
             model_in = sched.scale_model_input(schedule, x, i)
+            if done == total:
+                self._expect("vae_decoder")
             if guided:
                 noise_uncond, noise_text = np.split(self.unet(np.concatenate([model_in] * 2), schedule.timesteps[i],
                                                               context), 2)
@@ -160,7 +191,9 @@ class Pipeline:
             x, state = sched.step(schedule, noise, i, x, state, generator)
             if callback is not None:
                 callback(done, total, x)
+        self._expect(None)
         pixels = self.decode(x)
+        self.policy.release()
         return to_pil(pixels) if output_type == "pil" else pixels
 
     def _latent_shape(self) -> tuple[int, int, int, int]:
@@ -179,7 +212,10 @@ class Pipeline:
     def _img2img_latents(self, image: Any, sched: Any, schedule: Any, start: int, generator: NoiseSource) -> np.ndarray:
         d = self.manifest.dims
         pixels = image_to_array(image, d["height"], d["width"])
-        moments = self.runner("vae_encoder")(x=pixels)["latent"]
+        encoder = self.runner("vae_encoder")
+        moments = call_tiled(lambda xs: [o["latent"] for o in encoder.run_many([{"x": x} for x in xs])], pixels,
+                             self.manifest.component("vae_encoder").extra, "vae_encoder",
+                             in_scale=int(d["vae_scale_factor"]), out_scale=1)
         mean, logvar = np.split(moments, 2, axis=1)
         # diffusers' DiagonalGaussianDistribution: clamp the log-variance, std = exp(logvar / 2)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0)).astype(np.float32)
@@ -189,8 +225,12 @@ class Pipeline:
         return sched.add_noise(schedule, init, noise, start)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents → float32 HWC image in [0, 1], as diffusers' VAE decode and image post-processing."""
+        """Latents → float32 HWC image in [0, 1], as diffusers' VAE decode and image post-processing. A tiled
+        decoder (runtime/tiling.py) runs once per tile, its tiles blended."""
         scaled = (latents / np.float32(self.manifest.latent_scaling_factor)).astype(np.float32)
-        image = self.runner("vae_decoder")(z=scaled)["image"]
+        decoder = self.runner("vae_decoder")
+        image = call_tiled(lambda zs: [o["image"] for o in decoder.run_many([{"z": z} for z in zs])], scaled,
+                           self.manifest.component("vae_decoder").extra, "vae_decoder",
+                           in_scale=1, out_scale=int(self.manifest.dims["vae_scale_factor"]))
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
         return np.transpose(image[0], (1, 2, 0)).astype(np.float32)

@@ -1,12 +1,15 @@
 """Sessions that run one chunk file: the backend interface and its onnxruntime implementation.
 
-A backend is a callable ``(path, chunk, options) -> ChunkSession`` registered under the chunk's manifest ``format``.
-The CoreML backend (usable on macOS) is imported only when a CoreML chunk is opened.
+A backend is registered under the chunk's manifest ``format``: how to open a chunk (``(path, chunk, options) ->
+ChunkSession``) and whether its chunks may be opened and released per use (``streams``), which the ``stream`` and
+``prefetch`` memory policies need (see execution.py). The CoreML backend (usable on macOS) is imported only when a
+CoreML chunk is opened.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -15,7 +18,7 @@ import numpy as np
 
 from pocketsd.errors import BundleError
 from pocketsd.registry import Registry
-from pocketsd.runtime.hashing import sha256_path
+from pocketsd.runtime.hashing import sha256_once
 from pocketsd.runtime.manifest import Chunk
 
 log = logging.getLogger(__name__)
@@ -27,13 +30,24 @@ class SessionOptions:
     low_memory: bool = False  # onnxruntime: no memory arena / pattern planning (slower, smaller peak)
     compute_units: str = "all"  # CoreML: all | cpu_only | cpu_and_gpu | cpu_and_ne
     verify_hashes: bool = True
+    # Opened for one use and released (memory policies stream/prefetch): nothing that only pays off over many runs,
+    # i.e. no memory arena, no memory-pattern planning, no weight prepacking (a packed copy of every MatMul weight).
+    transient: bool = False
 
 
 class ChunkSession(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-Backend = Callable[[Path, Chunk, SessionOptions], ChunkSession]
+@dataclass(frozen=True)
+class Backend:
+    """How chunks of one manifest format are opened, and whether they can be opened and released per use."""
+
+    open: Callable[[Path, Chunk, SessionOptions], ChunkSession]
+    streams: bool
+    why_no_stream: str = ""  # where ``streams`` is false: why, for the error message
+
+
 BACKENDS: Registry[Backend] = Registry("backend", BundleError)
 
 
@@ -45,9 +59,13 @@ class OnnxSession:
         so.intra_op_num_threads = options.threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        if options.low_memory:
+        if options.low_memory or options.transient:
             so.enable_cpu_mem_arena = False
             so.enable_mem_pattern = False
+        if options.transient:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        # From a path, never from bytes: onnxruntime then reads the file itself (and memory-maps external data)
+        # instead of holding a second copy of every weight for the duration of the load.
         self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self._outputs = [o.name for o in self._session.get_outputs()]
 
@@ -55,28 +73,29 @@ class OnnxSession:
         return dict(zip(self._outputs, self._session.run(self._outputs, feeds)))
 
 
-def _onnx_backend(path: Path, chunk: Chunk, options: SessionOptions) -> ChunkSession:
+def _onnx_open(path: Path, chunk: Chunk, options: SessionOptions) -> ChunkSession:
     return OnnxSession(path, options, chunk)
 
 
-def _coreml_backend(path: Path, chunk: Chunk, options: SessionOptions) -> ChunkSession:
+def _coreml_open(path: Path, chunk: Chunk, options: SessionOptions) -> ChunkSession:
     from pocketsd.runtime.coreml_session import CoreMLSession  # usable on macOS only; a clear error elsewhere
 
     return CoreMLSession(path, chunk, options.compute_units)
 
 
-BACKENDS.register("onnx")(_onnx_backend)
-
-
-BACKENDS.register("mlpackage")(_coreml_backend)
+BACKENDS.register("onnx")(Backend(_onnx_open, streams=True))
+# On macOS an MLModel can be loaded per use like an onnxruntime session; elsewhere CoreML cannot run at all.
+BACKENDS.register("mlpackage")(Backend(_coreml_open, streams=sys.platform == "darwin",
+                                       why_no_stream="CoreML models run only on macOS"))
 
 
 def verify_chunk(bundle_dir: Path, chunk: Chunk) -> None:
+    """Check a chunk's files against the manifest's sha256; each file is hashed once per process while unchanged."""
     for ref in (chunk.file, *chunk.data_files):
         path = bundle_dir / ref.path
         if not path.exists():
             raise BundleError(f"{path} is missing (chunk {chunk.id})", "re-export or re-copy the bundle")
-        if sha256_path(path) != ref.sha256:
+        if sha256_once(path) != ref.sha256:
             raise BundleError(f"{path} does not match its sha256 in the manifest (chunk {chunk.id}): the file is "
                               "corrupted or was changed", "re-export or re-copy the bundle")
 
@@ -86,4 +105,4 @@ def open_chunk(bundle_dir: Path, chunk: Chunk, options: SessionOptions) -> Chunk
     if options.verify_hashes:
         verify_chunk(bundle_dir, chunk)
     log.debug("opening %s (%s)", chunk.id, chunk.file.path)
-    return BACKENDS.get(chunk.format)(bundle_dir / chunk.file.path, chunk, options)
+    return BACKENDS.get(chunk.format).open(bundle_dir / chunk.file.path, chunk, options)

@@ -36,6 +36,8 @@ class Dims:
     text_hidden: int
     vocab_size: int
     unet_batch: int
+    vae_tile: int = 0  # VAE tile side in latent pixels (the preset's vae_tiling.tile); 0: the VAE is not tiled
+    vae_overlap: int = 0  # latent pixels shared by neighbouring VAE tiles
 
     @property
     def latent_height(self) -> int:
@@ -44,6 +46,32 @@ class Dims:
     @property
     def latent_width(self) -> int:
         return self.width // self.vae_scale_factor
+
+    # The VAE components run at one tile's size: the tile clamped to the latent size (an axis no longer than the
+    # tile is not tiled), or the whole latent when the preset asks for no tiling.
+    @property
+    def vae_latent_height(self) -> int:
+        return min(self.vae_tile, self.latent_height) if self.vae_tile else self.latent_height
+
+    @property
+    def vae_latent_width(self) -> int:
+        return min(self.vae_tile, self.latent_width) if self.vae_tile else self.latent_width
+
+    @property
+    def vae_height(self) -> int:
+        return self.vae_latent_height * self.vae_scale_factor
+
+    @property
+    def vae_width(self) -> int:
+        return self.vae_latent_width * self.vae_scale_factor
+
+    def vae_tiling(self) -> dict[str, int | str] | None:
+        """The manifest entry of a tiled VAE component (``Component.extra["tiling"]``, see runtime/manifest.py);
+        None when the tile covers the whole latent."""
+        tile = (self.vae_latent_height, self.vae_latent_width)
+        if tile == (self.latent_height, self.latent_width):
+            return None
+        return {"space": "latent", "tile_height": tile[0], "tile_width": tile[1], "overlap": self.vae_overlap}
 
     def size(self, name: str, batch: int) -> int:
         if name == "batch":

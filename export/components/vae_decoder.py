@@ -19,7 +19,7 @@ class VaeDecoderWrapper(torch.nn.Module):
 SPEC = ComponentSpec(
     id="vae_decoder",
     subfolder="vae",
-    inputs=(IOSpec("z", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
-    outputs=(IOSpec("image", "float32", ("batch", "image_channels", "height", "width")),),
+    inputs=(IOSpec("z", "float32", ("batch", "latent_channels", "vae_latent_height", "vae_latent_width")),),
+    outputs=(IOSpec("image", "float32", ("batch", "image_channels", "vae_height", "vae_width")),),
     make_wrapper=VaeDecoderWrapper,
 )

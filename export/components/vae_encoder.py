@@ -24,7 +24,7 @@ class VaeEncoderWrapper(torch.nn.Module):
 SPEC = ComponentSpec(
     id="vae_encoder",
     subfolder="vae",
-    inputs=(IOSpec("x", "float32", ("batch", "image_channels", "height", "width"), example="image"),),
-    outputs=(IOSpec("latent", "float32", ("batch", "moments", "latent_height", "latent_width")),),
+    inputs=(IOSpec("x", "float32", ("batch", "image_channels", "vae_height", "vae_width"), example="image"),),
+    outputs=(IOSpec("latent", "float32", ("batch", "moments", "vae_latent_height", "vae_latent_width")),),
     make_wrapper=VaeEncoderWrapper,
 )

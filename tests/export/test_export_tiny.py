@@ -50,6 +50,7 @@ def test_inspect_json_lists_chunk_figures(tiny_bundle: Path, capsys: pytest.Capt
     assert main(["inspect", str(tiny_bundle)]) == 0
     table = capsys.readouterr().out
     assert "unet.03" in table and "PSNR" in table
+    assert "run      memory resident, attention original, VAE untiled" in table
 
 
 def chained_vs_unchunked(model_dir: Path, bundle: Path, tmp_path: Path) -> float:
@@ -94,12 +95,10 @@ def test_another_architecture_exports_and_chains(tmp_path: Path):
     assert chained_vs_unchunked(model, bundle, tmp_path) <= TOL["chunked_vs_unchunked_max_abs"]
 
 
-def test_external_data_chunks_load_and_are_hash_checked(tiny_model_dir: Path, tmp_path: Path, monkeypatch):
-    """Past protobuf's 2 GB limit weights go to a .data file; forced here on the tiny UNet."""
-    from pocketsd.export import onnx_writer
+def test_external_data_chunks_load_and_are_hash_checked(tiny_model_dir: Path, tmp_path: Path):
+    """Weights go to a .data file beside each chunk (onnxruntime memory-maps it); hash-checked like the graph."""
     from pocketsd.runtime.sessions import open_chunk
 
-    monkeypatch.setattr(onnx_writer, "EXTERNAL_DATA_ABOVE", 0)
     preset = with_overrides(load_preset("cpu"), {"unet": 2})
     preset = type(preset)(**{**vars(preset), "components": ("unet",)})
     bundle = export_bundle(ExportRequest(str(tiny_model_dir), preset, tmp_path / "b", progress=False))
@@ -111,3 +110,27 @@ def test_external_data_chunks_load_and_are_hash_checked(tiny_model_dir: Path, tm
     data.write_bytes(data.read_bytes()[:-1] + b"\x01")
     with pytest.raises(Exception, match="sha256"):
         open_chunk(bundle, chunk, SessionOptions())
+
+
+def test_a_linear_applied_to_several_slices_is_stored_once(tmp_path: Path):
+    """Feed-forward slicing applies one Linear per token slice: the chunk holds its weight once, as an initializer
+    (not a run-time Transpose), so it is neither stored twice nor missed by the quantization pass."""
+    import onnx_ir as ir
+
+    class Sliced(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(64, 96)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.linear(part) for part in x.chunk(4, dim=1)], dim=1)
+
+    module = Sliced().eval()
+    x = torch.randn(1, 64, 64)
+    files = write_onnx(module, [x], ["x"], ["y"], tmp_path / "sliced.onnx")
+    model = ir.load(files[0])
+    weights = [v for v in model.graph.initializers.values() if v.shape is not None and len(v.shape) == 2]
+    assert len(weights) == 1 and {n.op_type for n in model.graph} == {"Split", "MatMul", "Add", "Concat"}
+    got = OnnxSession(files[0], SessionOptions(threads=1)).run({"x": x.numpy()})["y"]
+    with torch.no_grad():
+        assert float(np.max(np.abs(got - module(x).numpy()))) <= TOL["chunked_vs_unchunked_max_abs"]

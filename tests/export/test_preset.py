@@ -27,8 +27,10 @@ def test_cpu_preset_is_four_unet_chunks_fp32():
 
 def test_cpu_lowmem_has_a_budget_for_every_component():
     preset = load_preset("cpu-lowmem")
-    assert preset.split_for("text_encoder").max_bytes == 250_000_000
-    assert preset.unet_batch == 1 and preset.runtime.low_memory
+    assert all(preset.split_for(c).max_bytes == 50_000_000 for c in preset.components)
+    assert preset.unet_batch == 1 and preset.runtime.low_memory and preset.runtime.memory == "stream"
+    assert all(preset.quantize[c].mode == "int8" for c in preset.components)
+    assert preset.attention.form == "sliced" and preset.vae_tiling is not None
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -78,3 +80,10 @@ def test_cli_overrides_are_checked_like_preset_keys():
         with_overrides(load_preset("cpu"), {"unetz": 2})
     with pytest.raises(PresetError, match="--resolution"):
         with_overrides(load_preset("cpu"), None, None, "big")
+
+
+def test_vae_tiling_is_refused_for_coreml_presets(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("backend: coreml\nprecision: fp16\nvae_tiling: {tile: 32, overlap: 8}\n")
+    with pytest.raises(PresetError, match="vae_tiling is set but backend is coreml"):
+        load_preset(str(path))

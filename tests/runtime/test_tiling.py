@@ -1,0 +1,134 @@
+"""Tiled VAE runs (runtime/tiling.py), numpy only: tile positions, blending weights, and that a per-pixel tile
+function gives back what one untiled call gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pocketsd.errors import BundleError
+from pocketsd.runtime.tiling import Tiling, call_tiled, run_tiled, tile_starts, tile_weights
+
+EXACT = 1e-6  # float rounding of the weighted sum and the division by the summed weights
+
+
+def decoder_like(z: np.ndarray) -> np.ndarray:
+    """A local stand-in for a VAE decoder: every latent pixel → an 8×8 block of 3 channels."""
+    up = np.repeat(np.repeat(z[:, :3], 8, axis=2), 8, axis=3)
+    return 2 * up - 1 + up * up
+
+
+def encoder_like(x: np.ndarray) -> np.ndarray:
+    """A local stand-in for a VAE encoder: 8×8 average pooling to 8 "moment" channels."""
+    n, c, h, w = x.shape
+    pooled = x.reshape(n, c, h // 8, 8, w // 8, 8).mean(axis=(3, 5))
+    return np.concatenate([pooled, pooled[:, :1] ** 2, -pooled, pooled[:, :1]], axis=1)
+
+
+@pytest.mark.parametrize("size, tile, overlap, expected", [
+    (16, 8, 2, [0, 6, 8]),      # the last tile aligned to the far edge: it overlaps its neighbour by 6
+    (20, 8, 2, [0, 6, 12]),     # an exact fit
+    (64, 32, 8, [0, 24, 32]),
+    (64, 40, 12, [0, 24]),
+    (13, 8, 4, [0, 4, 5]),
+    (8, 8, 2, [0]), (6, 8, 2, [0]),  # a tile as large as the image: not tiled
+])
+def test_tile_starts(size: int, tile: int, overlap: int, expected: list[int]):
+    starts = tile_starts(size, min(tile, size), overlap)
+    assert starts == expected
+    assert starts[0] == 0 and starts[-1] + min(tile, size) == size  # the whole axis is covered
+    for a, b in zip(starts, starts[1:]):
+        assert a < b and a + tile - b >= overlap  # every neighbour shares at least ``overlap`` pixels
+
+
+def test_tile_starts_refuses_an_overlap_as_large_as_the_tile():
+    with pytest.raises(BundleError):
+        tile_starts(16, 8, 8)
+
+
+@pytest.mark.parametrize("size, tile, overlap, scale", [(16, 8, 2, 8), (20, 8, 2, 1), (64, 32, 8, 8),
+                                                        (13, 8, 4, 1), (16, 8, 0, 8)])
+def test_weights_ramp_across_overlaps_and_sum_to_one(size: int, tile: int, overlap: int, scale: int):
+    starts = tile_starts(size, tile, overlap)
+    weights = tile_weights(starts, tile, scale)
+    total, count = np.zeros(size * scale), np.zeros(size * scale, dtype=int)
+    for start, w in zip(starts, weights):
+        assert w.shape == (tile * scale,) and np.all(w > 0) and np.all(w <= 1)
+        total[start * scale:(start + tile) * scale] += w
+        count[start * scale:(start + tile) * scale] += 1
+    assert np.allclose(total[count <= 2], 1.0, atol=1e-12)  # where two tiles meet, their ramps sum to one
+    assert weights[0][0] == 1 and weights[-1][-1] == 1  # full weight along the image borders
+    normalized = [w / total[s * scale:(s + tile) * scale] for s, w in zip(starts, weights)]
+    blended = np.zeros(size * scale)
+    for start, w in zip(starts, normalized):
+        blended[start * scale:(start + tile) * scale] += w
+    assert np.allclose(blended, 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("height, width, tiling", [(16, 16, Tiling(8, 8, 2)), (24, 40, Tiling(8, 8, 3)),
+                                                   (13, 21, Tiling(8, 6, 2)), (8, 32, Tiling(8, 16, 4))])
+def test_a_local_tile_function_gives_the_untiled_result(height: int, width: int, tiling: Tiling):
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((1, 4, height, width), dtype=np.float32)
+    decoded = run_tiled(decoder_like, z, tiling, in_scale=1, out_scale=8)
+    assert decoded.dtype == np.float32 and decoded.shape == (1, 3, 8 * height, 8 * width)
+    assert np.max(np.abs(decoded - decoder_like(z))) <= EXACT
+    x = rng.uniform(-1, 1, (1, 3, 8 * height, 8 * width)).astype(np.float32)
+    encoded = run_tiled(encoder_like, x, tiling, in_scale=8, out_scale=1)
+    assert encoded.shape == (1, 8, height, width)
+    assert np.max(np.abs(encoded - encoder_like(x))) <= EXACT
+
+
+def test_tiles_are_fed_at_the_tile_size():
+    seen = []
+
+    def record(z: np.ndarray) -> np.ndarray:
+        seen.append(z.shape)
+        assert z.flags["C_CONTIGUOUS"]
+        return decoder_like(z)
+
+    run_tiled(record, np.zeros((1, 4, 16, 20), np.float32), Tiling(8, 8, 2), 1, 8)
+    assert seen == [(1, 4, 8, 8)] * 9
+
+
+def test_seams_are_blended_not_cut():
+    """A tile function that adds a different constant per tile (what per-tile statistics do): across every seam the
+    image changes by at most the offset difference spread over the ramp, never in one jump."""
+    offsets = iter(np.linspace(0.0, 1.0, 9))  # 3×3 tiles: neighbours differ by 1/8 along a row, 3/8 down a column
+
+    def shifted(z: np.ndarray) -> np.ndarray:
+        return decoder_like(z) * 0 + next(offsets)
+
+    out = run_tiled(shifted, np.zeros((1, 4, 16, 16), np.float32), Tiling(8, 8, 2), 1, 8)[0, 0]
+    steps = max(np.abs(np.diff(out, axis=0)).max(), np.abs(np.diff(out, axis=1)).max())
+    assert steps <= (3 / 8) / 16 + 1e-6  # the shortest ramp: 2 latent pixels = 16 image pixels
+
+
+def test_manifest_entry():
+    extra = {"tiling": {"space": "latent", "tile_height": 8, "tile_width": 6, "overlap": 2}}
+    assert Tiling.from_extra(extra) == Tiling(8, 6, 2)
+    assert Tiling.from_extra({}) is None
+    for bad in ({"space": "pixel", "tile_height": 8, "tile_width": 8, "overlap": 2},
+                {"space": "latent", "tile_height": 8, "overlap": 2},
+                {"space": "latent", "tile_height": 0, "tile_width": 8, "overlap": 2}, [8, 8, 2]):
+        with pytest.raises(BundleError):
+            Tiling.from_extra({"tiling": bad}, "vae_decoder")
+
+
+def test_call_tiled_calls_once_when_not_tiled():
+    calls = []
+    z = np.ones((1, 4, 16, 16), np.float32)
+    call_tiled(lambda ts: calls.append([t.shape for t in ts]) or [decoder_like(t) for t in ts], z, {}, "vae_decoder",
+               1, 8)
+    assert calls == [[(1, 4, 16, 16)]]
+
+
+def test_call_tiled_hands_every_tile_over_in_one_call():
+    """A streamed VAE opens its chunk once for all tiles: the tiles go to the component in one batch."""
+    calls = []
+    z = np.random.default_rng(0).standard_normal((1, 4, 16, 20)).astype(np.float32)
+    extra = {"tiling": {"space": "latent", "tile_height": 8, "tile_width": 8, "overlap": 2}}
+    batched = call_tiled(lambda ts: calls.append(len(ts)) or [decoder_like(t) for t in ts], z, extra, "vae_decoder",
+                         1, 8)
+    assert calls == [3 * 3]
+    np.testing.assert_allclose(batched, run_tiled(decoder_like, z, Tiling(8, 8, 2), 1, 8), atol=0)
