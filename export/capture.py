@@ -38,6 +38,12 @@ def example_value(io: IOSpec, shape: tuple[int, ...], dims: Dims, generator: tor
         return torch.full(shape, 981.0, dtype=_TORCH_DTYPES[io.dtype])
     if io.example == "image":
         return torch.rand(shape, generator=generator) * 2 - 1
+    if io.example == "ones":
+        return torch.ones(shape, dtype=_TORCH_DTYPES[io.dtype])
+    if io.example == "group_norm_stats":  # [..., 2]: a mean and a mean square with a variance in [0.5, 2]
+        mean = torch.randn(shape[:-1], generator=generator) * 0.5
+        var = 0.5 + 1.5 * torch.rand(shape[:-1], generator=generator)
+        return torch.stack([mean, mean * mean + var], dim=-1).to(_TORCH_DTYPES[io.dtype])
     return torch.randn(shape, generator=generator, dtype=_TORCH_DTYPES[io.dtype])
 
 

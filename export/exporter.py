@@ -20,7 +20,8 @@ from pocketsd import __version__
 from pocketsd.errors import PresetError
 from pocketsd.export.bundle_files import file_ref, write_plan, write_tokenizer
 from pocketsd.export.capture import capture
-from pocketsd.export.components import SD_COMPONENTS, Dims
+from pocketsd.export.components import SD_COMPONENTS, ComponentSpec, Dims
+from pocketsd.export.components.group_norm_stats import STATS_INPUT, group_norm_stats_spec, manifest_tiling_fields
 from pocketsd.export.model_loader import ModelFolder, load_module, open_model_folder
 from pocketsd.export.preset import Preset
 from pocketsd.export.read_back import read_back
@@ -69,10 +70,27 @@ def resolve_dims(folder: ModelFolder, preset: Preset) -> Dims:
                 vae_overlap=preset.vae_tiling.overlap if preset.vae_tiling else 0)
 
 
-def _tiling_extra(component_id: str, dims: Dims) -> dict[str, Any]:
-    """A VAE component exported at one tile's size says so (``Component.extra["tiling"]``, runtime/manifest.py)."""
-    tiling = dims.vae_tiling() if component_id in ("vae_decoder", "vae_encoder") else None
-    return {"tiling": tiling} if tiling else {}
+def _tiled(spec: ComponentSpec, dims: Dims) -> bool:
+    return spec.id in ("vae_decoder", "vae_encoder") and dims.vae_tiling() is not None
+
+
+def component_spec(component_id: str, model: Any, dims: Dims, preset: Preset) -> ComponentSpec:
+    """The component's spec; a tiled VAE component with ``vae_tiling.group_norm: image`` gets the statistics I/O
+    of export/components/group_norm_stats.py, sized from ``model``'s GroupNorms."""
+    spec = SD_COMPONENTS[component_id]
+    if _tiled(spec, dims) and preset.vae_tiling is not None and preset.vae_tiling.group_norm == "image":
+        return group_norm_stats_spec(spec, model)
+    return spec
+
+
+def _tiling_extra(spec: ComponentSpec, dims: Dims) -> dict[str, Any]:
+    """A VAE component exported at one tile's size says so (``Component.extra["tiling"]``, runtime/manifest.py),
+    and how its GroupNorms are normalized: with whole-image statistics it takes (``image``) or per tile."""
+    if not _tiled(spec, dims):
+        return {}
+    names = [io.name for io in spec.inputs]
+    group_norm = manifest_tiling_fields() if STATS_INPUT in names else {"group_norm": "tile"}
+    return {"tiling": {**dims.vae_tiling(), **group_norm}}
 
 
 def _modules(folder: ModelFolder, components: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
@@ -105,34 +123,34 @@ class Prepared:
     extra: dict[str, Any] = field(default_factory=dict)  # component-level figures for the manifest
 
 
-def _prepare(component_id: str, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
+def _prepare(spec: ComponentSpec, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
     """Attention form (every backend), then the lossy step of the backend, before capture and cut so that chunks
     balance by their stored bytes: CoreML compression, or ONNX weight quantization."""
     from pocketsd.export.components.attention import set_attention
 
     set_attention(model, preset.attention.form, slice_mb=preset.attention.slice_mb)
     if preset.backend == "coreml":
-        return _prepare_for_coreml(component_id, model, dims, preset, seed)
-    if component_id in preset.quantize:
-        return _prepare_for_onnx(component_id, model, dims, preset, seed)
+        return _prepare_for_coreml(spec, model, dims, preset, seed)
+    if spec.id in preset.quantize:
+        return _prepare_for_onnx(spec, model, dims, preset, seed)
     return Prepared(model)
 
 
-def _prepare_for_coreml(component_id: str, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
+def _prepare_for_coreml(spec: ComponentSpec, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
     from pocketsd.export.compress_component import compress_component, stored_bytes_only
 
-    config = preset.coreml.compression.get(component_id)
+    config = preset.coreml.compression.get(spec.id)
     if config is None:
         return Prepared(model, stored_bytes_only(model, preset.precision))
-    done = compress_component(SD_COMPONENTS[component_id], model, dims, config, preset.precision, seed)
+    done = compress_component(spec, model, dims, config, preset.precision, seed)
     return Prepared(done.model, done.stored_bytes, done.compressed, {"compression": done.report})
 
 
-def _prepare_for_onnx(component_id: str, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
+def _prepare_for_onnx(spec: ComponentSpec, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
     """ONNX weight quantization (int8 / int4): quantized in PyTorch before the cut, gated against fp32."""
     from pocketsd.export.weight_quantization import quantize_component
 
-    done = quantize_component(SD_COMPONENTS[component_id], model, dims, preset.quantize[component_id], seed)
+    done = quantize_component(spec, model, dims, preset.quantize[spec.id], seed)
     return Prepared(done.model, done.stored_bytes, done.compressed, {"quantization": done.report})
 
 
@@ -144,11 +162,12 @@ def _export_into(folder: ModelFolder, source: str, request: ExportRequest, stagi
     with bar:
         for component_id, model in _modules(folder, preset.components):
             bar.set_postfix_str(component_id)
-            prepared = _prepare(component_id, model, dims, preset, request.seed)
-            captured = capture(SD_COMPONENTS[component_id], prepared.model, dims, seed=request.seed)
+            spec = component_spec(component_id, model, dims, preset)
+            prepared = _prepare(spec, model, dims, preset, request.seed)
+            captured = capture(spec, prepared.model, dims, seed=request.seed)
             component, plan = write_component(captured, preset, staging, progress=request.progress,
                                               weight_bytes=prepared.weight_bytes, compressed=prepared.compressed,
-                                              extra={**prepared.extra, **_tiling_extra(component_id, dims)})
+                                              extra={**prepared.extra, **_tiling_extra(spec, dims)})
             components[component_id], plans[component_id] = component, plan.to_dict()
             bar.update()
     vae = folder.config("vae")

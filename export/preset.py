@@ -54,12 +54,19 @@ class AttentionConfig:
     slice_mb: float = 16.0
 
 
+GROUP_NORM_STATS = ("image", "tile")
+
+
 @dataclass(frozen=True)
 class VaeTiling:
-    """The VAE is exported at one tile's size and run over overlapping tiles, blended (latent pixels)."""
+    """The VAE is exported at one tile's size and run over overlapping tiles, blended (latent pixels).
+    ``group_norm``: ``image`` runs the tiles twice, normalizing every GroupNorm in the second pass with its
+    statistics averaged over all tiles of the first (export/components/group_norm_stats.py); ``tile`` runs them
+    once, each tile with its own statistics."""
 
     tile: int = 32
     overlap: int = 8
+    group_norm: str = "image"
 
 
 QUANT_MODES = ("int8", "int4")
@@ -267,8 +274,9 @@ def _attention_config(top: _Reader, coreml: CoreMLConfig) -> AttentionConfig:
 
 
 def _vae_tiling(reader: _Reader) -> VaeTiling:
-    reader.only(("tile", "overlap"))
-    tiling = VaeTiling(tile=reader.number("tile", 32, int, 8), overlap=reader.number("overlap", 8, int, 0))
+    reader.only(("tile", "overlap", "group_norm"))
+    tiling = VaeTiling(tile=reader.number("tile", 32, int, 8), overlap=reader.number("overlap", 8, int, 0),
+                       group_norm=reader.choice("group_norm", GROUP_NORM_STATS, "image"))
     if tiling.overlap * 2 > tiling.tile:
         reader.at("overlap").fail(f"is {tiling.overlap}, more than half the tile ({tiling.tile})",
                                   "use an overlap of at most tile / 2 latent pixels")

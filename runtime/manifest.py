@@ -15,6 +15,18 @@ Component ``extra`` entries a reader acts on:
     ``vae_scale_factor`` times that in pixels; ``overlap`` latent pixels are shared by neighbouring tiles. The
     manifest's ``dims`` keep the whole image's sizes. Absent: the component takes the whole latent / image.
 
+    ``"group_norm": "tile"`` (or absent): each tile is normalized with its own GroupNorm statistics, one pass.
+    ``"group_norm": "image"``: the runtime makes two passes over the tiles, and the entry names three more tensors
+    of the component::
+
+        "group_norm": "image", "stats_input": "gn_stats", "use_stats_input": "gn_use_stats",
+        "stats_output": "gn_tile_stats"
+
+    ``stats_input`` float32 ``[n_norms, 1, groups, 2]`` (each GroupNorm's mean and mean square per group) is what
+    the GroupNorms normalize with when ``use_stats_input`` (float32 ``[1]``) is 1; at 0 they use the tile's own.
+    ``stats_output`` (shaped as ``stats_input``) is the tile's own statistics in that pass. Pass 1 runs every tile
+    with 0 and collects them, pass 2 runs every tile with 1 and their average over the tiles.
+
 This module is torch-free: the exporter builds these dataclasses and writes them, the runtime reads them.
 """
 

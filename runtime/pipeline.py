@@ -27,7 +27,7 @@ from pocketsd.runtime.images import image_to_array, to_pil
 from pocketsd.runtime.manifest import Manifest, load_manifest
 from pocketsd.runtime.schedulers import NoiseSource, SchedulerConfig, make_scheduler
 from pocketsd.runtime.sessions import SessionOptions, verify_chunk
-from pocketsd.runtime.tiling import call_tiled
+from pocketsd.runtime.tiling import TileIO, call_tiled
 from pocketsd.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,6 @@ class Pipeline:
             if start >= len(schedule.timesteps):
                 raise GenerateError(f"strength {strength} with {num_inference_steps} steps leaves no step to run",
                                     "raise --strength or --steps")
-            self._expect("unet")
             x = self._img2img_latents(image, sched, schedule, start, generator)
         else:
             start = 0
@@ -191,8 +190,7 @@ class Pipeline:
             x, state = sched.step(schedule, noise, i, x, state, generator)
             if callback is not None:
                 callback(done, total, x)
-        self._expect(None)
-        pixels = self.decode(x)
+        pixels = self.decode(x)  # it gives the prefetch policy its own hints
         self.policy.release()
         return to_pil(pixels) if output_type == "pil" else pixels
 
@@ -212,10 +210,8 @@ class Pipeline:
     def _img2img_latents(self, image: Any, sched: Any, schedule: Any, start: int, generator: NoiseSource) -> np.ndarray:
         d = self.manifest.dims
         pixels = image_to_array(image, d["height"], d["width"])
-        encoder = self.runner("vae_encoder")
-        moments = call_tiled(lambda xs: [o["latent"] for o in encoder.run_many([{"x": x} for x in xs])], pixels,
-                             self.manifest.component("vae_encoder").extra, "vae_encoder",
-                             in_scale=int(d["vae_scale_factor"]), out_scale=1)
+        moments = self._call_vae("vae_encoder", pixels, TileIO("x", "latent", int(d["vae_scale_factor"]), 1),
+                                 then="unet")
         mean, logvar = np.split(moments, 2, axis=1)
         # diffusers' DiagonalGaussianDistribution: clamp the log-variance, std = exp(logvar / 2)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0)).astype(np.float32)
@@ -224,13 +220,19 @@ class Pipeline:
         noise = np.asarray(generator.standard_normal(init.shape, dtype=np.float32), dtype=np.float32)
         return sched.add_noise(schedule, init, noise, start)
 
+    def _call_vae(self, component_id: str, x: np.ndarray, io: TileIO, then: str | None) -> np.ndarray:
+        """A VAE component over ``x``, tiled as its manifest entry says (runtime/tiling.py). Before its last pass the
+        prefetch hint is ``then``, the component that runs next; before a first of two passes, the VAE itself."""
+        runner = self.runner(component_id)
+        return call_tiled(runner.run_many, runner.component, x, io,
+                          before_pass=lambda last: self._expect(then if last else component_id))
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents → float32 HWC image in [0, 1], as diffusers' VAE decode and image post-processing. A tiled
-        decoder (runtime/tiling.py) runs once per tile, its tiles blended."""
+        decoder (runtime/tiling.py) runs once per tile, its tiles blended; with whole-image GroupNorm statistics,
+        twice per tile."""
         scaled = (latents / np.float32(self.manifest.latent_scaling_factor)).astype(np.float32)
-        decoder = self.runner("vae_decoder")
-        image = call_tiled(lambda zs: [o["image"] for o in decoder.run_many([{"z": z} for z in zs])], scaled,
-                           self.manifest.component("vae_decoder").extra, "vae_decoder",
-                           in_scale=1, out_scale=int(self.manifest.dims["vae_scale_factor"]))
+        io = TileIO("z", "image", 1, int(self.manifest.dims["vae_scale_factor"]))
+        image = self._call_vae("vae_decoder", scaled, io, then=None)
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
         return np.transpose(image[0], (1, 2, 0)).astype(np.float32)

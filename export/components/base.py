@@ -20,8 +20,8 @@ class IOSpec:
 
     name: str
     dtype: str
-    dims: tuple[str, ...]
-    example: str = "normal"  # normal | tokens | timestep | image
+    dims: tuple[str | int, ...]  # a name resolved by Dims.size, or a size fixed by the model (an int)
+    example: str = "normal"  # normal | tokens | timestep | image | ones | group_norm_stats
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,9 @@ class Dims:
             return None
         return {"space": "latent", "tile_height": tile[0], "tile_width": tile[1], "overlap": self.vae_overlap}
 
-    def size(self, name: str, batch: int) -> int:
+    def size(self, name: str | int, batch: int) -> int:
+        if isinstance(name, int):
+            return name
         if name == "batch":
             return batch
         if name == "image_channels":
@@ -96,6 +98,9 @@ class ComponentSpec:
     outputs: tuple[IOSpec, ...]
     make_wrapper: Callable[[Any], Any]
     batch_from: str = "one"  # which Dims field gives this component's batch ("unet_batch") or "one"
+    # The submodule whose GroupNorms take whole-image statistics when the component is tiled with
+    # ``vae_tiling.group_norm: image`` (group_norm_stats.py); None: it has none to offer.
+    group_norm_scope: str | None = None
 
     def batch(self, dims: Dims) -> int:
         return 1 if self.batch_from == "one" else dims.size(self.batch_from, 1)

@@ -22,4 +22,5 @@ SPEC = ComponentSpec(
     inputs=(IOSpec("z", "float32", ("batch", "latent_channels", "vae_latent_height", "vae_latent_width")),),
     outputs=(IOSpec("image", "float32", ("batch", "image_channels", "vae_height", "vae_width")),),
     make_wrapper=VaeDecoderWrapper,
+    group_norm_scope="decoder",
 )

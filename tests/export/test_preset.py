@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pocketsd.errors import PresetError
-from pocketsd.export.preset import builtin_presets, load_preset, with_overrides
+from pocketsd.export.preset import VaeTiling, builtin_presets, load_preset, with_overrides
 from pocketsd.export.split_strategies import SplitRequest
 
 
@@ -27,7 +27,7 @@ def test_cpu_preset_is_four_unet_chunks_fp32():
 
 def test_cpu_lowmem_has_a_budget_for_every_component():
     preset = load_preset("cpu-lowmem")
-    assert all(preset.split_for(c).max_bytes == 50_000_000 for c in preset.components)
+    assert all(preset.split_for(c).max_bytes == (30_000_000 if c == "unet" else 50_000_000) for c in preset.components)
     assert preset.unet_batch == 1 and preset.runtime.low_memory and preset.runtime.memory == "stream"
     assert all(preset.quantize[c].mode == "int8" for c in preset.components)
     assert preset.attention.form == "sliced" and preset.vae_tiling is not None
@@ -51,6 +51,9 @@ def write(tmp_path: Path, text: str) -> str:
     ("split:\n  unet: {n_chunks: 0}\n", "split.unet.n_chunks is 0"),
     ("components: [unet, safety_checker]\n", "unknown component 'safety_checker'"),
     ("coreml: {deployment_target: iOS17}\n", "coreml is set but backend is not coreml"),
+    ("vae_tiling: {tile: 32, overlap: 8, group_norm: whole}\n", "vae_tiling.group_norm is 'whole'"),
+    ("vae_tiling: {tile: 32, group_norm: [image]}\n", "vae_tiling.group_norm is ['image']"),
+    ("vae_tiling: {tile: 32, groupnorm: tile}\n", "unknown key 'vae_tiling.groupnorm'"),
 ])
 def test_preset_mistakes_name_file_and_key(tmp_path: Path, text: str, expected: str):
     with pytest.raises(PresetError) as err:
@@ -80,6 +83,16 @@ def test_cli_overrides_are_checked_like_preset_keys():
         with_overrides(load_preset("cpu"), {"unetz": 2})
     with pytest.raises(PresetError, match="--resolution"):
         with_overrides(load_preset("cpu"), None, None, "big")
+
+
+def test_vae_tiling_group_norm_defaults_to_whole_image_statistics(tmp_path: Path):
+    assert load_preset(write(tmp_path, "vae_tiling: {tile: 24}\n")).vae_tiling == VaeTiling(24, 8, "image")
+    per_tile = load_preset(write(tmp_path, "vae_tiling: {tile: 24, overlap: 4, group_norm: tile}\n"))
+    assert per_tile.vae_tiling == VaeTiling(24, 4, "tile")
+    assert per_tile.to_dict()["vae_tiling"] == {"tile": 24, "overlap": 4, "group_norm": "tile"}
+    with pytest.raises(PresetError) as err:
+        load_preset(write(tmp_path, "vae_tiling: {group_norm: global}\n"))
+    assert err.value.one_line().count("\n") == 0 and err.value.hint == "allowed: image, tile"
 
 
 def test_vae_tiling_is_refused_for_coreml_presets(tmp_path):

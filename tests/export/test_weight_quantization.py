@@ -202,6 +202,45 @@ def test_onnx_conversion_is_lossless(layer: str, mode: str, tmp_path: Path):
         stored_bytes(kind, "int8" if kind == "embedding" else mode, tuple(weighted.weight.shape), 64)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_wide_convs_are_dequantized_in_pieces(mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A Conv whose fp32 weight exceeds the piece budget becomes one Conv per output-channel range (each with its
+    own DequantizeLinear) and a Concat, computing the same numbers."""
+    import pocketsd.export.onnx_quantize as onnx_quantize
+
+    torch.manual_seed(0)
+    module = nn.Conv2d(64, 96, 3, padding=1).eval()  # 96 × 64·9·4 B = 216 KiB of fp32 weight
+    with torch.no_grad():
+        module.weight.copy_(fake_quantize(module.weight, "conv", mode, 32))
+    x = torch.randn(1, 64, 8, 8)
+    (tmp_path / "whole").mkdir(), (tmp_path / "split").mkdir()
+    files = write_onnx(module, [x], ["x"], ["y"], tmp_path / "whole" / "layer.onnx")
+    whole, _ = store_chunk_quantized(files, module, {"weight"}, WeightQuantization(mode, 32), "layer")
+    monkeypatch.setattr(onnx_quantize, "DEQUANTIZED_PIECE_BYTES", 64 * 1024)
+    files = write_onnx(module, [x], ["x"], ["y"], tmp_path / "split" / "layer.onnx")
+    split, summary = store_chunk_quantized(files, module, {"weight"}, WeightQuantization(mode, 32), "layer")
+    assert summary["ops"] == {"DequantizeLinear": 1}
+    ops = [n.op_type for n in onnx.load(split[0]).graph.node]
+    assert ops.count("DequantizeLinear") == ops.count("Conv") == 4 and ops.count("Concat") == 1
+    stored = {i.name for i in onnx.load(split[0]).graph.initializer}
+    assert "bias" not in stored and "weight" not in stored  # only the pieces are stored
+    got = OnnxSession(split[0], SessionOptions(threads=1)).run({"x": x.numpy()})["y"]
+    ref = OnnxSession(whole[0], SessionOptions(threads=1)).run({"x": x.numpy()})["y"]
+    assert got.shape == (1, 96, 8, 8) and float(np.max(np.abs(got - ref))) <= 1e-5
+    with torch.no_grad():
+        assert float(np.max(np.abs(got - module(x).numpy()))) <= 1e-5
+
+
+def test_conv_pieces_cover_the_channels_within_the_budget():
+    from pocketsd.export.onnx_quantize import conv_pieces
+
+    assert conv_pieces(1280, 2560 * 9 * 4, 16 * 2**20) == [(i * 160, i * 160 + 160) for i in range(8)]
+    assert conv_pieces(320, 320 * 9 * 4, 16 * 2**20) == [(0, 320)]
+    pieces = conv_pieces(7, 10, 25)
+    assert pieces[0][0] == 0 and pieces[-1][1] == 7 and all(b - a <= 2 for a, b in pieces)
+    assert all(p[1] == q[0] for p, q in zip(pieces, pieces[1:]))
+
+
 def test_a_quantized_chunk_keeps_its_weights_in_one_data_file(tmp_path: Path):
     module = nn.Linear(64, 32).eval()
     with torch.no_grad():

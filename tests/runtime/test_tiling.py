@@ -1,5 +1,5 @@
-"""Tiled VAE runs (runtime/tiling.py), numpy only: tile positions, blending weights, and that a per-pixel tile
-function gives back what one untiled call gives."""
+"""Tiled VAE runs (runtime/tiling.py), numpy only: tile positions, blending weights, that a per-pixel tile
+function gives back what one untiled call gives, and the two passes of whole-image GroupNorm statistics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,18 @@ import numpy as np
 import pytest
 
 from pocketsd.errors import BundleError
-from pocketsd.runtime.tiling import Tiling, call_tiled, run_tiled, tile_starts, tile_weights
+from pocketsd.runtime.manifest import Component, TensorSpec
+from pocketsd.runtime.tiling import (
+    GroupNormIO,
+    TileIO,
+    Tiling,
+    call_tiled,
+    image_stats,
+    run_tiled,
+    run_two_pass,
+    tile_starts,
+    tile_weights,
+)
 
 EXACT = 1e-6  # float rounding of the weighted sum and the division by the summed weights
 
@@ -104,31 +115,136 @@ def test_seams_are_blended_not_cut():
     assert steps <= (3 / 8) / 16 + 1e-6  # the shortest ramp: 2 latent pixels = 16 image pixels
 
 
+TILING = {"space": "latent", "tile_height": 8, "tile_width": 8, "overlap": 2}
+TWO_PASS = {**TILING, "group_norm": "image", "stats_input": "gn_stats", "use_stats_input": "gn_use_stats",
+            "stats_output": "gn_tile_stats"}
+NAMES = GroupNormIO("gn_stats", "gn_use_stats", "gn_tile_stats")
+
+
 def test_manifest_entry():
     extra = {"tiling": {"space": "latent", "tile_height": 8, "tile_width": 6, "overlap": 2}}
-    assert Tiling.from_extra(extra) == Tiling(8, 6, 2)
+    assert Tiling.from_extra(extra) == Tiling(8, 6, 2)  # written before group_norm existed: per tile
+    assert Tiling.from_extra({"tiling": {**TILING, "group_norm": "tile"}}) == Tiling(8, 8, 2)
+    assert Tiling.from_extra({"tiling": TWO_PASS}) == Tiling(8, 8, 2, NAMES)
     assert Tiling.from_extra({}) is None
     for bad in ({"space": "pixel", "tile_height": 8, "tile_width": 8, "overlap": 2},
                 {"space": "latent", "tile_height": 8, "overlap": 2},
-                {"space": "latent", "tile_height": 0, "tile_width": 8, "overlap": 2}, [8, 8, 2]):
+                {"space": "latent", "tile_height": 0, "tile_width": 8, "overlap": 2}, [8, 8, 2],
+                {**TILING, "group_norm": "whole"}, {**TILING, "group_norm": "image"},
+                {**TWO_PASS, "stats_output": ""}, {**TWO_PASS, "use_stats_input": 1}):
         with pytest.raises(BundleError):
             Tiling.from_extra({"tiling": bad}, "vae_decoder")
+
+
+def tensor(name: str, shape: tuple[int, ...]) -> TensorSpec:
+    return TensorSpec(name, "float32", shape)
+
+
+def component(extra: dict, groups: int = 0) -> Component:
+    """A decoder-like component entry (no chunks: the tests run it through a local ``run_many``)."""
+    stats = (1, 1, groups, 2)
+    inputs, outputs = (tensor("z", (1, 4, 8, 8)),), (tensor("image", (1, 3, 64, 64)),)
+    if groups:
+        inputs += (tensor("gn_stats", stats), tensor("gn_use_stats", (1,)))
+        outputs += (tensor("gn_tile_stats", stats),)
+    return Component("vae_decoder", inputs, outputs, (), extra=extra)
+
+
+DECODE = TileIO("z", "image", 1, 8)
 
 
 def test_call_tiled_calls_once_when_not_tiled():
     calls = []
     z = np.ones((1, 4, 16, 16), np.float32)
-    call_tiled(lambda ts: calls.append([t.shape for t in ts]) or [decoder_like(t) for t in ts], z, {}, "vae_decoder",
-               1, 8)
-    assert calls == [[(1, 4, 16, 16)]]
+
+    def run_many(rows):
+        calls.append([row["z"].shape for row in rows])
+        return [{"image": decoder_like(row["z"])} for row in rows]
+
+    passes = []
+    call_tiled(run_many, component({}), z, DECODE, before_pass=passes.append)
+    assert calls == [[(1, 4, 16, 16)]] and passes == [True]
 
 
 def test_call_tiled_hands_every_tile_over_in_one_call():
     """A streamed VAE opens its chunk once for all tiles: the tiles go to the component in one batch."""
-    calls = []
+    calls, passes = [], []
     z = np.random.default_rng(0).standard_normal((1, 4, 16, 20)).astype(np.float32)
-    extra = {"tiling": {"space": "latent", "tile_height": 8, "tile_width": 8, "overlap": 2}}
-    batched = call_tiled(lambda ts: calls.append(len(ts)) or [decoder_like(t) for t in ts], z, extra, "vae_decoder",
-                         1, 8)
-    assert calls == [3 * 3]
+
+    def run_many(rows):
+        calls.append(len(rows))
+        return [{"image": decoder_like(row["z"])} for row in rows]
+
+    batched = call_tiled(run_many, component({"tiling": TILING}), z, DECODE, before_pass=passes.append)
+    assert calls == [3 * 3] and passes == [True]
     np.testing.assert_allclose(batched, run_tiled(decoder_like, z, Tiling(8, 8, 2), 1, 8), atol=0)
+
+
+def normalized(z: np.ndarray, stats: np.ndarray | None, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stand-in for a decoder with one GroupNorm: ``decoder_like`` of z normalized per channel group with
+    ``stats`` [1, 1, groups, 2] (mean, mean square), or with z's own when None; also z's own statistics."""
+    zg = z.astype(np.float64).reshape(1, groups, -1)
+    own = np.stack([zg.mean(-1), (zg * zg).mean(-1)], axis=-1)[None].astype(np.float32)
+    use = own if stats is None else stats.astype(np.float64)
+    mean, square = use[0, ..., 0, None], use[0, ..., 1, None]
+    y = ((zg - mean) / np.sqrt(square - mean * mean + 1e-6)).reshape(z.shape).astype(np.float32)
+    return decoder_like(y), own
+
+
+def test_two_passes_with_tiles_that_partition_the_image_normalize_as_one_untiled_call():
+    """Without overlap, tiles of equal size partition the image: the mean of their statistics is the whole image's,
+    so the second pass normalizes each tile exactly as the untiled call does; one pass does not."""
+    groups = 2
+    z = np.random.default_rng(1).standard_normal((1, 4, 16, 24)).astype(np.float32) * np.linspace(0.5, 3, 24)
+    untiled, _ = normalized(z, None, groups)
+
+    def fn(pieces, stats):
+        done = [normalized(p, stats, groups) for p in pieces]
+        return [y for y, _ in done], [s for _, s in done]
+
+    two = run_two_pass(fn, z, Tiling(8, 8, 0), 1, 8)
+    one = run_tiled(lambda p: normalized(p, None, groups)[0], z, Tiling(8, 8, 0), 1, 8)
+    assert np.max(np.abs(two - untiled)) <= 1e-4  # float32 statistics of values up to ~10
+    assert np.max(np.abs(one - untiled)) > 0.1
+
+
+def test_image_stats_is_the_mean_over_tiles():
+    tiles = [np.full((2, 1, 3, 2), v, np.float32) for v in (1.0, 2.0, 6.0)]
+    stats = image_stats(tiles)
+    assert stats.dtype == np.float32 and stats.shape == (2, 1, 3, 2) and np.all(stats == 3.0)
+
+
+def test_call_tiled_runs_two_passes_through_run_many():
+    """Pass 1: every tile with zeros and use 0, its own statistics collected; pass 2: every tile with their mean
+    and use 1; only pass 2 is blended. Each pass is one ``run_many`` call (a streamed VAE opens its chunks once per
+    pass), announced to ``before_pass``."""
+    groups = 2
+    z = np.random.default_rng(2).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    calls, passes = [], []
+
+    def run_many(rows):
+        calls.append(rows)
+        out = []
+        for row in rows:
+            image, own = normalized(row["z"], row["gn_stats"] if row["gn_use_stats"][0] == 1 else None, groups)
+            out.append({"image": image, "gn_tile_stats": own})
+        return out
+
+    got = call_tiled(run_many, component({"tiling": TWO_PASS}, groups), z, DECODE, before_pass=passes.append)
+    assert [len(rows) for rows in calls] == [9, 9] and passes == [False, True]
+    first, second = calls
+    assert all(row["gn_use_stats"].tolist() == [0.0] and not row["gn_stats"].any() for row in first)
+    own = [normalized(row["z"], None, groups)[1] for row in first]
+    assert all(row["gn_use_stats"].tolist() == [1.0] and np.array_equal(row["gn_stats"], image_stats(own))
+               for row in second)
+    expected = run_tiled(lambda p: normalized(p, image_stats(own), groups)[0], z, Tiling(8, 8, 2), 1, 8)
+    np.testing.assert_allclose(got, expected, atol=0)
+
+
+def test_two_pass_entry_must_name_the_components_tensors():
+    z = np.zeros((1, 4, 16, 16), np.float32)
+    with pytest.raises(BundleError, match="does not have"):
+        call_tiled(lambda rows: [], component({"tiling": TWO_PASS}), z, DECODE)  # a component without them
+    wrong = {**TWO_PASS, "stats_output": "gn_stats"}  # an input named as the output
+    with pytest.raises(BundleError):
+        call_tiled(lambda rows: [], component({"tiling": wrong}, 2), z, DECODE)
