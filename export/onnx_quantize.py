@@ -8,7 +8,8 @@ exactly representable — and rewrites the chunk so that only integers and scale
 
   ===========================  ====================================================================================
   Conv, input 1                DequantizeLinear → Conv. int8: one scale per output channel (axis 0); int4: blocks
-                               of B input channels (axis 1, ``block_size`` B, opset 21, a partial last block)
+                               of B input channels (axis 1, ``block_size`` B, opset 21, a partial last block).
+                               A weight over 16 MiB of fp32: one such pair per output-channel range, then Concat
   MatMul input 1 [K, N]; Gemm  com.microsoft MatMulNBits, bits 8 / 4, blocks along K (Gemm's bias as its bias).
   input 1 (transA 0, α = β = 1)  int8 repeats the output channel's scale in each block (16..256 wide)
   Gather input 0 (token table) com.microsoft GatherBlockQuantized, bits 8, one scale per row
