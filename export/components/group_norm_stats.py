@@ -75,21 +75,25 @@ class StatsGroupNorm(nn.GroupNorm):
         bus = self.bus
         if bus.given is None or bus.use_given is None or bus.own[self.index] is not None:
             raise InternalError(f"GroupNorm {self.index} ran outside its wrapper's forward, or twice in one")
-        xg = x.reshape(x.shape[0], self.num_groups, -1)
-        mean = xg.mean(-1)
-        bus.own[self.index] = torch.stack([mean, (xg * xg).mean(-1)], dim=-1)
-        given = bus.given[self.index]
-        use = bus.use_given > 0.5
-        # The tile's own variance as nn.GroupNorm computes it (centred, so pass 1 matches an untiled GroupNorm to
-        # rounding); the given one from its mean square, clamped where rounding makes E[x²] - E[x]² negative.
-        mean = torch.where(use, given[..., 0], mean)
-        var = torch.where(use, (given[..., 1] - given[..., 0] ** 2).clamp(min=0.0), xg.var(-1, unbiased=False))
-        y = (xg - mean[..., None]) * torch.rsqrt(var[..., None] + self.eps)
-        y = y.reshape(x.shape)
+        n, c = x.shape[:2]
+        xg = x.reshape(n, self.num_groups, -1)
+        # Mean and mean square, not a centred variance: x · x is the only full-size temporary, where (x - mean)²
+        # holds two at once. Pass 1's own normalization only feeds the statistics of later layers (its output is
+        # discarded), and fp32 E[x²] - E[x]² is ample for that.
+        own = torch.stack([xg.mean(-1), (xg * xg).mean(-1)], dim=-1)
+        bus.own[self.index] = own
+        stats = torch.where(bus.use_given > 0.5, bus.given[self.index], own)
+        mean = stats[..., 0]
+        var = (stats[..., 1] - mean * mean).clamp(min=0.0)  # rounding can make E[x²] - E[x]² slightly negative
+        # Folded into one scale and shift per channel, so the full-size work is one Mul and one Add, as for
+        # onnxruntime's own GroupNorm decomposition: written out as (x - mean) · rsqrt(var + eps) · w + b, each
+        # step allocated another full activation and the SD 1.5 VAE tile peaked at +411 MB instead of +182 MB.
+        scale = torch.rsqrt(var + self.eps).repeat_interleave(c // self.num_groups, dim=1)  # [n, c]
+        shift = -mean.repeat_interleave(c // self.num_groups, dim=1) * scale
         if self.affine:
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        shape = (n, c) + (1,) * (x.ndim - 2)
+        return x * scale.reshape(shape) + shift.reshape(shape)
 
 
 def group_norms(scope: nn.Module) -> list[tuple[str, nn.GroupNorm]]:
