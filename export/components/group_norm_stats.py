@@ -3,8 +3,8 @@
 A tile normalized with its own GroupNorm statistics differs from the same pixels of the untiled image; the seams
 blend, but every tile keeps its own brightness and contrast (33.7 dB image PSNR on the SD 1.5 VAE at tile 24).
 Run twice instead: a first pass over all tiles reports each GroupNorm's per-tile statistics, the runtime averages them
-over the tiles, and a second pass normalizes every tile with that estimate of the whole image's statistics (40.9 dB
-at tile 24, 46.4 at tile 32; ``bench/vae_tiling_quality.py --option two_pass``).
+over the tiles, and a second pass normalizes every tile with that estimate of the whole image's statistics (36.4 dB
+on the exported SD 1.5 VAE at tile 24, overlap 8; ``bench/activation_bounds.py``).
 
 The exported component gets three extra tensors (names in the manifest's tiling entry, runtime/tiling.py):
 
