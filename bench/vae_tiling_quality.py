@@ -8,10 +8,11 @@ by the runtime's own ``runtime/tiling.py``. Options:
 
 - ``plain``: the whole decoder per tile (what a ``vae_tiling: {group_norm: tile}`` bundle runs);
 - ``split``: post_quant_conv + conv_in + mid_block (latent resolution, global attention) on the whole latent, only
-  the up-blocks tiled;
+  the up-blocks tiled (what a bundle with the default ``vae_tiling: {mid_block: whole}`` runs);
 - ``two_pass``: a first tiled pass records every GroupNorm's per-tile mean and mean square; a second tiled pass
   normalizes with their average over the tiles (an estimate of the whole image's statistics): what a bundle with
-  the default ``vae_tiling: {group_norm: image}`` runs (tests/export/test_vae_tiling.py holds the two equal);
+  the default ``vae_tiling: {group_norm: image}`` runs; ``split+two_pass`` is the default bundle's decoder
+  (tests/export/test_vae_tiling.py holds the exported bundles equal to these);
 - ``oracle``: every GroupNorm normalizes with the untiled decode's exact statistics (the limit of ``two_pass``).
 
 Figures per row: ``image_psnr_db`` on the final image (clipped to [0, 1], peak 1: what a user sees), ``psnr_db`` as

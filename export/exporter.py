@@ -22,6 +22,7 @@ from pocketsd.export.bundle_files import file_ref, write_plan, write_tokenizer
 from pocketsd.export.capture import capture
 from pocketsd.export.components import SD_COMPONENTS, ComponentSpec, Dims
 from pocketsd.export.components.group_norm_stats import STATS_INPUT, group_norm_stats_spec, manifest_tiling_fields
+from pocketsd.export.components.vae_decoder import HEAD_ID, HEAD_OUTPUT, HEAD_SPEC, TAIL_SPEC
 from pocketsd.export.model_loader import ModelFolder, load_module, open_model_folder
 from pocketsd.export.preset import Preset
 from pocketsd.export.read_back import read_back
@@ -67,17 +68,32 @@ def resolve_dims(folder: ModelFolder, preset: Preset) -> Dims:
                 text_length=int(text["max_position_embeddings"]), text_hidden=int(text["hidden_size"]),
                 vocab_size=int(text["vocab_size"]), unet_batch=preset.unet_batch,
                 vae_tile=preset.vae_tiling.tile if preset.vae_tiling else 0,
-                vae_overlap=preset.vae_tiling.overlap if preset.vae_tiling else 0)
+                vae_overlap=preset.vae_tiling.overlap if preset.vae_tiling else 0,
+                vae_head_channels=int(vae["block_out_channels"][-1]))
 
 
 def _tiled(spec: ComponentSpec, dims: Dims) -> bool:
     return spec.id in ("vae_decoder", "vae_encoder") and dims.vae_tiling() is not None
 
 
+def _decoder_head(preset: Preset, dims: Dims) -> bool:
+    """Whether the tiled decoder's head (up to its mid block) runs whole: export/components/vae_decoder.py."""
+    return (preset.vae_tiling is not None and preset.vae_tiling.mid_block == "whole"
+            and _tiled(SD_COMPONENTS["vae_decoder"], dims))
+
+
+def export_components(preset: Preset, dims: Dims) -> tuple[str, ...]:
+    """The preset's components, with the decoder's head just before the decoder where it runs whole."""
+    head = _decoder_head(preset, dims)
+    return tuple(c for c in preset.components for c in ((HEAD_ID, c) if c == "vae_decoder" and head else (c,)))
+
+
 def component_spec(component_id: str, model: Any, dims: Dims, preset: Preset) -> ComponentSpec:
     """The component's spec; a tiled VAE component with ``vae_tiling.group_norm: image`` gets the statistics I/O
     of export/components/group_norm_stats.py, sized from ``model``'s GroupNorms."""
-    spec = SD_COMPONENTS[component_id]
+    if component_id == HEAD_ID:
+        return HEAD_SPEC
+    spec = TAIL_SPEC if component_id == "vae_decoder" and _decoder_head(preset, dims) else SD_COMPONENTS[component_id]
     if _tiled(spec, dims) and preset.vae_tiling is not None and preset.vae_tiling.group_norm == "image":
         return group_norm_stats_spec(spec, model)
     return spec
@@ -85,23 +101,26 @@ def component_spec(component_id: str, model: Any, dims: Dims, preset: Preset) ->
 
 def _tiling_extra(spec: ComponentSpec, dims: Dims) -> dict[str, Any]:
     """A VAE component exported at one tile's size says so (``Component.extra["tiling"]``, runtime/manifest.py),
-    and how its GroupNorms are normalized: with whole-image statistics it takes (``image``) or per tile."""
+    how its GroupNorms are normalized (with whole-image statistics it takes, ``image``, or per tile), and which
+    component runs whole before it (``head``)."""
     if not _tiled(spec, dims):
         return {}
     names = [io.name for io in spec.inputs]
     group_norm = manifest_tiling_fields() if STATS_INPUT in names else {"group_norm": "tile"}
-    return {"tiling": {**dims.vae_tiling(), **group_norm}}
+    head = {"head": HEAD_ID} if HEAD_OUTPUT in names else {}
+    return {"tiling": {**dims.vae_tiling(), **group_norm, **head}}
 
 
 def _modules(folder: ModelFolder, components: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
     """Load each sub-model once, in component order, and let it go when no later component needs it."""
     loaded: dict[str, Any] = {}
+    subfolder = {**{c: s.subfolder for c, s in SD_COMPONENTS.items()}, HEAD_ID: HEAD_SPEC.subfolder}
     for i, component in enumerate(components):
-        sub = SD_COMPONENTS[component].subfolder
+        sub = subfolder[component]
         if sub not in loaded:
             loaded[sub] = load_module(folder, sub)
         yield component, loaded[sub]
-        if all(SD_COMPONENTS[c].subfolder != sub for c in components[i + 1:]):
+        if all(subfolder[c] != sub for c in components[i + 1:]):
             del loaded[sub]
 
 
@@ -131,7 +150,7 @@ def _prepare(spec: ComponentSpec, model: Any, dims: Dims, preset: Preset, seed: 
     set_attention(model, preset.attention.form, slice_mb=preset.attention.slice_mb)
     if preset.backend == "coreml":
         return _prepare_for_coreml(spec, model, dims, preset, seed)
-    if spec.id in preset.quantize:
+    if spec.settings_id in preset.quantize:
         return _prepare_for_onnx(spec, model, dims, preset, seed)
     return Prepared(model)
 
@@ -139,7 +158,7 @@ def _prepare(spec: ComponentSpec, model: Any, dims: Dims, preset: Preset, seed: 
 def _prepare_for_coreml(spec: ComponentSpec, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
     from pocketsd.export.compress_component import compress_component, stored_bytes_only
 
-    config = preset.coreml.compression.get(spec.id)
+    config = preset.coreml.compression.get(spec.settings_id)
     if config is None:
         return Prepared(model, stored_bytes_only(model, preset.precision))
     done = compress_component(spec, model, dims, config, preset.precision, seed)
@@ -150,7 +169,7 @@ def _prepare_for_onnx(spec: ComponentSpec, model: Any, dims: Dims, preset: Prese
     """ONNX weight quantization (int8 / int4): quantized in PyTorch before the cut, gated against fp32."""
     from pocketsd.export.weight_quantization import quantize_component
 
-    done = quantize_component(spec, model, dims, preset.quantize[spec.id], seed)
+    done = quantize_component(spec, model, dims, preset.quantize[spec.settings_id], seed)
     return Prepared(done.model, done.stored_bytes, done.compressed, {"quantization": done.report})
 
 
@@ -158,9 +177,10 @@ def _export_into(folder: ModelFolder, source: str, request: ExportRequest, stagi
     preset = request.preset
     dims = resolve_dims(folder, preset)
     components, plans = {}, {}
-    bar = tqdm(total=len(preset.components), desc="export", unit="component", disable=not request.progress)
+    order = export_components(preset, dims)
+    bar = tqdm(total=len(order), desc="export", unit="component", disable=not request.progress)
     with bar:
-        for component_id, model in _modules(folder, preset.components):
+        for component_id, model in _modules(folder, order):
             bar.set_postfix_str(component_id)
             spec = component_spec(component_id, model, dims, preset)
             prepared = _prepare(spec, model, dims, preset, request.seed)

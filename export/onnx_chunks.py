@@ -21,11 +21,11 @@ class OnnxChunkWriter:
 
     def write(self, job: ComponentJob, cm: ChunkModule, example: list[torch.Tensor]) -> Chunk:
         files = onnx_writer.write_chunk(cm.plan, cm.module, example, job.folder / f"{cm.plan.id}.onnx")
-        extra = {}
-        quantization = job.preset.quantize.get(job.captured.spec.id)
+        extra: dict = {"largest_activation_bytes": cm.plan.largest_activation_bytes}
+        quantization = job.preset.quantize.get(job.captured.spec.settings_id)
         if quantization is not None:  # onnx::int8_weights / onnx::int4_weights: store the grid PyTorch measured
             files, summary = store_chunk_quantized(files, cm.module, job.compressed, quantization, cm.plan.id)
-            extra = {"quantization": summary} if summary else {}
+            extra.update({"quantization": summary} if summary else {})
         refs = [file_ref(job.bundle_dir, f) for f in files]
         return Chunk(id=cm.plan.id, format=self.format, file=refs[0], data_files=tuple(refs[1:]),
                      weight_bytes=cm.plan.weight_bytes, inputs=tuple(spec_of(t) for t in cm.plan.inputs),

@@ -49,6 +49,7 @@ class PlannedChunk:
     outputs: tuple[BoundaryTensor, ...]
     params: tuple[str, ...]
     input_values: tuple[str, ...] = ()  # FX value behind each input, aligned with ``inputs`` (for the slicer)
+    largest_activation_bytes: int = 0  # the largest tensor an op of the chunk produces (runtime/sessions.py)
     output_values: tuple[str, ...] = ()  # likewise for ``outputs``
 
 
@@ -180,6 +181,8 @@ def build_plan(
             weight_bytes=int(table.weight_before[end] - table.weight_before[start]),
             modules=_spanned_modules(summary, start, end), inputs=tuple(inputs), outputs=tuple(outputs),
             params=params, input_values=tuple(input_values), output_values=tuple(output_values),
+            largest_activation_bytes=max((summary.values[op.name].nbytes for op in summary.ops[start:end]
+                                          if op.name in summary.values), default=0),
         ))
     cuts = tuple({"before_op": p, "before_module": table.labels[p], "crossing_bytes": int(table.crossing_bytes[p])}
                  for p in bounds[1:-1])

@@ -55,6 +55,7 @@ class AttentionConfig:
 
 
 GROUP_NORM_STATS = ("image", "tile")
+MID_BLOCK_MODES = ("whole", "tile")
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,14 @@ class VaeTiling:
     """The VAE is exported at one tile's size and run over overlapping tiles, blended (latent pixels).
     ``group_norm``: ``image`` runs the tiles twice, normalizing every GroupNorm in the second pass with its
     statistics averaged over all tiles of the first (export/components/group_norm_stats.py); ``tile`` runs them
-    once, each tile with its own statistics."""
+    once, each tile with its own statistics. ``mid_block``: ``whole`` runs the decoder's head (up to its mid block,
+    whose attention is global) once on the whole latent and tiles only the rest (export/components/vae_decoder.py);
+    ``tile`` tiles the whole decoder."""
 
     tile: int = 32
     overlap: int = 8
     group_norm: str = "image"
+    mid_block: str = "whole"
 
 
 QUANT_MODES = ("int8", "int4")
@@ -274,9 +278,10 @@ def _attention_config(top: _Reader, coreml: CoreMLConfig) -> AttentionConfig:
 
 
 def _vae_tiling(reader: _Reader) -> VaeTiling:
-    reader.only(("tile", "overlap", "group_norm"))
+    reader.only(("tile", "overlap", "group_norm", "mid_block"))
     tiling = VaeTiling(tile=reader.number("tile", 32, int, 8), overlap=reader.number("overlap", 8, int, 0),
-                       group_norm=reader.choice("group_norm", GROUP_NORM_STATS, "image"))
+                       group_norm=reader.choice("group_norm", GROUP_NORM_STATS, "image"),
+                       mid_block=reader.choice("mid_block", MID_BLOCK_MODES, "whole"))
     if tiling.overlap * 2 > tiling.tile:
         reader.at("overlap").fail(f"is {tiling.overlap}, more than half the tile ({tiling.tile})",
                                   "use an overlap of at most tile / 2 latent pixels")

@@ -49,7 +49,7 @@ class ComponentJob:
 
     @property
     def threshold(self) -> float:
-        return self.preset.parity.threshold(self.captured.spec.id)
+        return self.preset.parity.threshold(self.captured.spec.settings_id)
 
 
 class ChunkWriter(Protocol):
@@ -72,7 +72,7 @@ def spec_of(t: BoundaryTensor) -> TensorSpec:
 
 
 def plan_component(captured: Captured, preset: Preset, weight_bytes: dict[str, int] | None = None) -> ComponentPlan:
-    request = preset.split_for(captured.spec.id)
+    request = preset.split_for(captured.spec.settings_id)
     summary = captured.summary
     table = analyze_cuts(summary, weight_bytes)
     positions, reason = STRATEGIES.get(request.strategy)(summary, table, request)

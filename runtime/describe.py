@@ -85,6 +85,7 @@ def _run_line(info: dict[str, Any]) -> str:
              + (f" (score blocks ≤ {attention['slice_mb']:g} MiB)" if attention.get("form") == "sliced" else ""),
              f"VAE in {tiling['tile_height']}×{tiling['tile_width']} latent tiles, overlap {tiling['overlap']}"
              + (", whole-image GroupNorm statistics (2 passes)" if tiling.get("group_norm") == "image" else "")
+             + (f", decoder's mid block whole ({tiling['head']})" if tiling.get("head") else "")
              if tiling else "VAE untiled"]
     return "run      " + ", ".join(parts)
 

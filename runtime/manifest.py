@@ -27,6 +27,10 @@ Component ``extra`` entries a reader acts on:
     ``stats_output`` (shaped as ``stats_input``) is the tile's own statistics in that pass. Pass 1 runs every tile
     with 0 and collects them, pass 2 runs every tile with 1 and their average over the tiles.
 
+    ``"head": "<component id>"``: that component (untiled, one input, one output) first runs once on the whole
+    latent, and its output, not the latent, is what the tiles cut: the tiled component's first input has the
+    head's output channels (the decoder's head is its mid block, export/components/vae_decoder.py).
+
 This module is torch-free: the exporter builds these dataclasses and writes them, the runtime reads them.
 """
 

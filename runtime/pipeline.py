@@ -27,7 +27,7 @@ from pocketsd.runtime.images import image_to_array, to_pil
 from pocketsd.runtime.manifest import Manifest, load_manifest
 from pocketsd.runtime.schedulers import NoiseSource, SchedulerConfig, make_scheduler
 from pocketsd.runtime.sessions import SessionOptions, verify_chunk
-from pocketsd.runtime.tiling import TileIO, call_tiled
+from pocketsd.runtime.tiling import TileIO, call_tiled, decoder_head
 from pocketsd.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,8 @@ class Pipeline:
         for done, i in enumerate(range(start, len(schedule.timesteps)), start=1):
             model_in = sched.scale_model_input(schedule, x, i)
             if done == total:
-                self._expect("vae_decoder")
+                head = decoder_head(self.manifest)
+                self._expect(head.id if head is not None else "vae_decoder")
             if guided:
                 noise_uncond, noise_text = np.split(self.unet(np.concatenate([model_in] * 2), schedule.timesteps[i],
                                                               context), 2)
@@ -232,7 +233,13 @@ class Pipeline:
         decoder (runtime/tiling.py) runs once per tile, its tiles blended; with whole-image GroupNorm statistics,
         twice per tile."""
         scaled = (latents / np.float32(self.manifest.latent_scaling_factor)).astype(np.float32)
-        io = TileIO("z", "image", 1, int(self.manifest.dims["vae_scale_factor"]))
+        decoder = self.manifest.component("vae_decoder")
+        head = decoder_head(self.manifest)
+        if head is not None:  # run whole, then its output is tiled (the tiling entry's ``head``)
+            self._expect("vae_decoder")
+            runner = self.runner(head.id)
+            scaled = runner(**{head.inputs[0].name: scaled})[head.outputs[0].name]
+        io = TileIO(decoder.inputs[0].name, "image", 1, int(self.manifest.dims["vae_scale_factor"]))
         image = self._call_vae("vae_decoder", scaled, io, then=None)
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
         return np.transpose(image[0], (1, 2, 0)).astype(np.float32)

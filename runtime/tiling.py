@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from pocketsd.errors import BundleError
-from pocketsd.runtime.manifest import Component
+from pocketsd.runtime.manifest import Component, Manifest
 
 TileFn = Callable[[np.ndarray], np.ndarray]
 ManyFn = Callable[[list[np.ndarray]], list[np.ndarray]]  # every tile at once, outputs in the same order
@@ -53,6 +53,7 @@ class Tiling:
     tile_width: int
     overlap: int
     group_norm: GroupNormIO | None = None
+    head: str | None = None  # a component run once, untiled, on the whole input; its output is what gets tiled
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any], owner: str = "component") -> "Tiling | None":
@@ -63,8 +64,11 @@ class Tiling:
         try:
             if entry.get("space") != "latent":
                 raise ValueError(f"space {entry.get('space')!r}")
+            head = entry.get("head")
+            if head is not None and not (isinstance(head, str) and head):
+                raise ValueError(f"head {head!r}")
             tiling = cls(int(entry["tile_height"]), int(entry["tile_width"]), int(entry["overlap"]),
-                         _group_norm_io(entry))
+                         _group_norm_io(entry), head)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{owner}: malformed tiling entry {entry!r} ({exc})", "re-export the bundle") from None
         if min(tiling.tile_height, tiling.tile_width) < 1 or tiling.overlap < 0:
@@ -238,3 +242,29 @@ def _stats_shape(component: Component, names: GroupNormIO) -> tuple[int, ...]:
         raise BundleError(f"{component.id}: GroupNorm statistics tensors of unexpected types "
                           f"{[(t.name, t.dtype, list(t.shape)) for t in (stats, use, own)]}", "re-export the bundle")
     return stats.shape
+
+
+def decoder_head(manifest: Manifest, component_id: str = "vae_decoder") -> Component | None:
+    """The component the tiling entry of ``component_id`` names as its ``head`` (None: no head, or not tiled),
+    once it is seen to fit: untiled, one float32 input and one float32 output, whose channels are the tiled
+    component's first input's."""
+    if component_id not in manifest.components:
+        return None
+    tiled = manifest.component(component_id)
+    tiling = Tiling.from_extra(tiled.extra, tiled.id)
+    if tiling is None or tiling.head is None:
+        return None
+    if tiling.head not in manifest.components or tiling.head == component_id:
+        raise BundleError(f"{component_id}: its tiling names head {tiling.head!r}, which is not another component of "
+                          "the bundle", "re-export the bundle")
+    head = manifest.component(tiling.head)
+    if len(head.inputs) != 1 or len(head.outputs) != 1 or "tiling" in head.extra:
+        raise BundleError(f"{head.id}: a tiling head must be untiled with one input and one output",
+                          "re-export the bundle")
+    out, into = head.outputs[0], tiled.inputs[0]
+    if (out.dtype, into.dtype) != ("float32", "float32") or len(out.shape) != 4 or len(into.shape) != 4 \
+            or out.shape[1] != into.shape[1]:
+        raise BundleError(f"{head.id}: its output {out.name} {out.dtype} {list(out.shape)} does not fit "
+                          f"{component_id}'s input {into.name} {into.dtype} {list(into.shape)}",
+                          "re-export the bundle")
+    return head

@@ -38,6 +38,7 @@ class Dims:
     unet_batch: int
     vae_tile: int = 0  # VAE tile side in latent pixels (the preset's vae_tiling.tile); 0: the VAE is not tiled
     vae_overlap: int = 0  # latent pixels shared by neighbouring VAE tiles
+    vae_head_channels: int = 0  # channels of the VAE decoder's mid block (its head's output, vae_decoder.py)
 
     @property
     def latent_height(self) -> int:
@@ -98,9 +99,15 @@ class ComponentSpec:
     outputs: tuple[IOSpec, ...]
     make_wrapper: Callable[[Any], Any]
     batch_from: str = "one"  # which Dims field gives this component's batch ("unet_batch") or "one"
-    # The submodule whose GroupNorms take whole-image statistics when the component is tiled with
-    # ``vae_tiling.group_norm: image`` (group_norm_stats.py); None: it has none to offer.
-    group_norm_scope: str | None = None
+    # The submodules whose GroupNorms take whole-image statistics when the component is tiled with
+    # ``vae_tiling.group_norm: image`` (group_norm_stats.py); empty: it has none to offer.
+    group_norm_scope: tuple[str, ...] = ()
+    # The component whose preset settings (split, quantize, parity) this one follows; None: its own id.
+    settings_from: str | None = None
+
+    @property
+    def settings_id(self) -> str:
+        return self.settings_from or self.id
 
     def batch(self, dims: Dims) -> int:
         return 1 if self.batch_from == "one" else dims.size(self.batch_from, 1)

@@ -4,7 +4,8 @@ A tile normalized with its own GroupNorm statistics differs from the same pixels
 blend, but every tile keeps its own brightness and contrast (33.7 dB image PSNR on the SD 1.5 VAE at tile 24).
 Run twice instead: a first pass over all tiles reports each GroupNorm's per-tile statistics, the runtime averages them
 over the tiles, and a second pass normalizes every tile with that estimate of the whole image's statistics (36.4 dB
-on the exported SD 1.5 VAE at tile 24, overlap 8; ``bench/activation_bounds.py``).
+on the exported SD 1.5 VAE at tile 24, overlap 8, whole decoder tiled; with its mid block whole, see vae_decoder.py,
+the PyTorch figure is 40.9 dB; ``bench/activation_bounds.py``, ``bench/vae_tiling_quality.py``).
 
 The exported component gets three extra tensors (names in the manifest's tiling entry, runtime/tiling.py):
 
@@ -96,9 +97,15 @@ class StatsGroupNorm(nn.GroupNorm):
         return x * scale.reshape(shape) + shift.reshape(shape)
 
 
-def group_norms(scope: nn.Module) -> list[tuple[str, nn.GroupNorm]]:
-    """The GroupNorms of ``scope`` in ``named_modules`` order: the order of ``gn_stats``' first axis."""
-    return [(path, m) for path, m in scope.named_modules() if isinstance(m, nn.GroupNorm)]
+def group_norms(model: nn.Module, scopes: tuple[str, ...]) -> list[tuple[str, nn.GroupNorm]]:
+    """The GroupNorms under each path of ``scopes`` (a path may name a GroupNorm itself), as paths from ``model``,
+    scope by scope in ``named_modules`` order: the order of ``gn_stats``' first axis."""
+    found = []
+    for scope in scopes:
+        for path, m in model.get_submodule(scope).named_modules():
+            if isinstance(m, nn.GroupNorm):
+                found.append((f"{scope}.{path}" if path else scope, m))
+    return found
 
 
 def copy_replacing(root: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
@@ -126,11 +133,11 @@ class GroupNormStatsWrapper(nn.Module):
     :class:`StatsGroupNorm`; inputs: the base's, then ``gn_stats`` and ``gn_use_stats``; outputs: the base's,
     then ``gn_tile_stats``."""
 
-    def __init__(self, model: nn.Module, base: Callable[[nn.Module], nn.Module], scope: str) -> None:
+    def __init__(self, model: nn.Module, base: Callable[[nn.Module], nn.Module], scope: tuple[str, ...]) -> None:
         super().__init__()
-        norms = group_norms(model.get_submodule(scope))
+        norms = group_norms(model, scope)
         self.bus = StatsBus(len(norms))
-        replacements = {f"{scope}.{path}": StatsGroupNorm(norm, i, self.bus) for i, (path, norm) in enumerate(norms)}
+        replacements = {path: StatsGroupNorm(norm, i, self.bus) for i, (path, norm) in enumerate(norms)}
         inner = base(copy_replacing(model, replacements))
         # The copy sits where the base wrapper holds the model, so module paths and weight names are unchanged.
         setattr(self, WRAPPED, getattr(inner, WRAPPED))
@@ -148,9 +155,9 @@ class GroupNormStatsWrapper(nn.Module):
 
 def group_norm_stats_spec(spec: ComponentSpec, model: Any) -> ComponentSpec:
     """``spec`` with the statistics I/O, sized from the GroupNorms of ``model``'s ``spec.group_norm_scope``."""
-    if spec.group_norm_scope is None:
+    if not spec.group_norm_scope:
         raise InternalError(f"{spec.id} has no group_norm_scope: it cannot take whole-image statistics")
-    norms = group_norms(model.get_submodule(spec.group_norm_scope))
+    norms = group_norms(model, spec.group_norm_scope)
     groups = {norm.num_groups for _, norm in norms}
     if len(groups) != 1:
         raise ModelError(f"{spec.id}: its GroupNorms have {sorted(groups) or 'no'} group counts; whole-image "

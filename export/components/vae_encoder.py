@@ -27,5 +27,5 @@ SPEC = ComponentSpec(
     inputs=(IOSpec("x", "float32", ("batch", "image_channels", "vae_height", "vae_width"), example="image"),),
     outputs=(IOSpec("latent", "float32", ("batch", "moments", "vae_latent_height", "vae_latent_width")),),
     make_wrapper=VaeEncoderWrapper,
-    group_norm_scope="encoder",
+    group_norm_scope=("encoder",),
 )

@@ -54,6 +54,7 @@ def write(tmp_path: Path, text: str) -> str:
     ("vae_tiling: {tile: 32, overlap: 8, group_norm: whole}\n", "vae_tiling.group_norm is 'whole'"),
     ("vae_tiling: {tile: 32, group_norm: [image]}\n", "vae_tiling.group_norm is ['image']"),
     ("vae_tiling: {tile: 32, groupnorm: tile}\n", "unknown key 'vae_tiling.groupnorm'"),
+    ("vae_tiling: {tile: 32, mid_block: half}\n", "vae_tiling.mid_block is 'half'"),
 ])
 def test_preset_mistakes_name_file_and_key(tmp_path: Path, text: str, expected: str):
     with pytest.raises(PresetError) as err:
@@ -87,9 +88,10 @@ def test_cli_overrides_are_checked_like_preset_keys():
 
 def test_vae_tiling_group_norm_defaults_to_whole_image_statistics(tmp_path: Path):
     assert load_preset(write(tmp_path, "vae_tiling: {tile: 24}\n")).vae_tiling == VaeTiling(24, 8, "image")
-    per_tile = load_preset(write(tmp_path, "vae_tiling: {tile: 24, overlap: 4, group_norm: tile}\n"))
-    assert per_tile.vae_tiling == VaeTiling(24, 4, "tile")
-    assert per_tile.to_dict()["vae_tiling"] == {"tile": 24, "overlap": 4, "group_norm": "tile"}
+    per_tile = load_preset(write(tmp_path, "vae_tiling: {tile: 24, overlap: 4, group_norm: tile, mid_block: tile}\n"))
+    assert per_tile.vae_tiling == VaeTiling(24, 4, "tile", "tile")
+    assert per_tile.to_dict()["vae_tiling"] == {"tile": 24, "overlap": 4, "group_norm": "tile", "mid_block": "tile"}
+    assert load_preset(write(tmp_path, "vae_tiling: {tile: 24}\n")).vae_tiling.mid_block == "whole"
     with pytest.raises(PresetError) as err:
         load_preset(write(tmp_path, "vae_tiling: {group_norm: global}\n"))
     assert err.value.one_line().count("\n") == 0 and err.value.hint == "allowed: image, tile"

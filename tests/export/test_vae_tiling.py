@@ -2,10 +2,13 @@
 one tile's size, the pipeline blends the tiles, and the picture stays close to the untiled bundle's.
 
 Its VAE (cut into several chunks) takes whole-image GroupNorm statistics in two passes, the default
-(``group_norm: image``); a second, VAE-only bundle with ``group_norm: tile`` runs each tile with its own, once."""
+(``group_norm: image``), and its decoder's head (up to the mid block) runs whole, the default (``mid_block: whole``);
+a second, VAE-only bundle with ``group_norm: tile, mid_block: tile`` runs each tile of the whole decoder with its
+own statistics, once, and a third (``mid_block: tile``) the whole decoder in two passes."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -18,8 +21,9 @@ from tests.conftest import TOL
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.export
 
-from pocketsd.bench.vae_tiling_quality import group_norms  # noqa: E402
+from pocketsd.bench.vae_tiling_quality import Decoder, group_norms  # noqa: E402
 from pocketsd.cli import main  # noqa: E402
+from pocketsd.errors import BundleError  # noqa: E402
 from pocketsd.export.components import Dims  # noqa: E402
 from pocketsd.export.components.attention import MIB  # noqa: E402
 from pocketsd.export.exporter import ExportRequest, export_bundle, resolve_dims  # noqa: E402
@@ -28,7 +32,7 @@ from pocketsd.export.preset import load_preset  # noqa: E402
 from pocketsd.runtime.manifest import load_manifest  # noqa: E402
 from pocketsd.runtime.pipeline import Pipeline  # noqa: E402
 from pocketsd.runtime.sessions import BACKENDS, Backend  # noqa: E402
-from pocketsd.runtime.tiling import TileIO, Tiling, call_tiled, run_tiled  # noqa: E402
+from pocketsd.runtime.tiling import TileIO, Tiling, call_tiled, decoder_head, run_tiled  # noqa: E402
 
 # 1 MiB cuts the tiny UNet's self-attention (2 × 8 heads × 256 keys × 4 B = 16 KiB a query) into 4 blocks of 64
 # queries. Far smaller budgets work too (tests/export/test_attention.py exports a VAE at 0.001 MiB) but give the
@@ -49,7 +53,12 @@ vae_tiling: {{tile: 8, overlap: 2}}
 PER_TILE_PRESET = """
 name: tiny-tiled-per-tile
 components: [vae_decoder, vae_encoder]
-vae_tiling: {tile: 8, overlap: 2, group_norm: tile}
+vae_tiling: {tile: 8, overlap: 2, group_norm: tile, mid_block: tile}
+"""
+NO_HEAD_PRESET = """
+name: tiny-tiled-no-head
+components: [vae_decoder]
+vae_tiling: {tile: 8, overlap: 2, mid_block: tile}
 """
 TILING = {"space": "latent", "tile_height": 8, "tile_width": 8, "overlap": 2}
 TWO_PASS = {**TILING, "group_norm": "image", "stats_input": "gn_stats", "use_stats_input": "gn_use_stats",
@@ -74,6 +83,14 @@ def per_tile_bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     path = tmp_path_factory.mktemp("presets") / "tiny-tiled-per-tile.yaml"
     path.write_text(PER_TILE_PRESET)
     out = tmp_path_factory.mktemp("bundles") / "tiny-tiled-per-tile"
+    return export_bundle(ExportRequest(str(tiny_model_dir), load_preset(str(path)), out, progress=False))
+
+
+@pytest.fixture(scope="module")
+def no_head_bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("presets") / "tiny-tiled-no-head.yaml"
+    path.write_text(NO_HEAD_PRESET)
+    out = tmp_path_factory.mktemp("bundles") / "tiny-tiled-no-head"
     return export_bundle(ExportRequest(str(tiny_model_dir), load_preset(str(path)), out, progress=False))
 
 
@@ -110,22 +127,51 @@ def test_resolve_dims_takes_the_tile_from_the_preset(tiny_model_dir: Path, prese
 
 def test_vae_components_run_at_one_tile(tiled_bundle: Path, capsys: pytest.CaptureFixture[str]):
     manifest = load_manifest(tiled_bundle)
+    head = manifest.component("vae_decoder_head")
     decoder, encoder = manifest.component("vae_decoder"), manifest.component("vae_encoder")
-    # the tiny decoder has 22 GroupNorms (mid-block 2 resnets × 2 + attention 1, 4 up-blocks × 2 resnets × 2,
-    # conv_norm_out), the encoder 14 (4 down-blocks × 1 resnet × 2, mid-block 5, conv_norm_out); 8 groups each
+    # The head (post_quant_conv, conv_in, mid block) takes the whole latent; the decoder takes one tile of its
+    # output (32 channels in the tiny VAE). The tiny decoder has 22 GroupNorms: the 5 of the mid block (2 resnets
+    # × 2 + attention 1) run whole, the 17 left (4 up-blocks × 2 resnets × 2, conv_norm_out) take statistics. The
+    # encoder has 14 (4 down-blocks × 1 resnet × 2, mid-block 5, conv_norm_out); 8 groups each.
+    assert [(t.name, t.shape) for t in head.inputs + head.outputs] == [("z", (1, 4, 16, 16)), ("h", (1, 32, 16, 16))]
     assert [(t.name, t.shape) for t in decoder.inputs + decoder.outputs] == [
-        ("z", (1, 4, 8, 8)), ("gn_stats", (22, 1, 8, 2)), ("gn_use_stats", (1,)),
-        ("image", (1, 3, 64, 64)), ("gn_tile_stats", (22, 1, 8, 2))]
+        ("h", (1, 32, 8, 8)), ("gn_stats", (17, 1, 8, 2)), ("gn_use_stats", (1,)),
+        ("image", (1, 3, 64, 64)), ("gn_tile_stats", (17, 1, 8, 2))]
     assert [(t.name, t.shape) for t in encoder.inputs + encoder.outputs] == [
         ("x", (1, 3, 64, 64)), ("gn_stats", (14, 1, 8, 2)), ("gn_use_stats", (1,)),
         ("latent", (1, 8, 8, 8)), ("gn_tile_stats", (14, 1, 8, 2))]
-    assert decoder.extra["tiling"] == encoder.extra["tiling"] == TWO_PASS
-    assert "tiling" not in manifest.component("unet").extra
+    assert decoder.extra["tiling"] == {**TWO_PASS, "head": "vae_decoder_head"}
+    assert encoder.extra["tiling"] == TWO_PASS
+    assert "tiling" not in manifest.component("unet").extra and "tiling" not in head.extra
+    assert len(head.chunks) == 3  # it follows the decoder's split, quantize and parity settings
     assert (manifest.dims["height"], manifest.dims["latent_height"]) == (128, 16)  # the image's sizes
-    assert manifest.target["config"]["vae_tiling"] == {"tile": 8, "overlap": 2, "group_norm": "image"}
+    assert manifest.target["config"]["vae_tiling"] == {"tile": 8, "overlap": 2, "group_norm": "image",
+                                                       "mid_block": "whole"}
+    assert decoder_head(manifest) == head
     assert main(["inspect", str(tiled_bundle)]) == 0
     out = capsys.readouterr().out
     assert "vae_decoder.02" in out and "whole-image GroupNorm statistics (2 passes)" in out
+    assert "mid block whole (vae_decoder_head)" in out
+
+
+def test_a_head_that_does_not_fit_is_refused(tiled_bundle: Path):
+    manifest = load_manifest(tiled_bundle)
+    head, decoder = manifest.component("vae_decoder_head"), manifest.component("vae_decoder")
+
+    def with_(**components: Any) -> Any:
+        return dataclasses.replace(manifest, components={**manifest.components, **components})
+
+    def tiling(**entry: Any) -> Any:
+        return dataclasses.replace(decoder, extra={"tiling": {**decoder.extra["tiling"], **entry}})
+
+    narrow = dataclasses.replace(head, outputs=(dataclasses.replace(head.outputs[0], shape=(1, 16, 16, 16)),))
+    tiled_head = dataclasses.replace(head, extra={"tiling": TILING})
+    for bad, expected in ((with_(vae_decoder=tiling(head="vae_mid")), "not another component"),
+                          (with_(vae_decoder=tiling(head="vae_decoder")), "not another component"),
+                          (with_(vae_decoder_head=narrow), "does not fit"),
+                          (with_(vae_decoder_head=tiled_head), "must be untiled")):
+        with pytest.raises(BundleError, match=expected):
+            decoder_head(bad)
 
 
 def test_the_statistics_reach_every_chunk_and_each_chunk_passes_parity(tiled_bundle: Path):
@@ -177,12 +223,29 @@ def torch_decode(vae: torch.nn.Module, z: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_two_pass_decode_equals_the_pytorch_two_pass(vae: torch.nn.Module, pipes: tuple[Pipeline, Pipeline],
-                                                    seed: int):
+                                                    no_head_bundle: Path, seed: int):
+    """With the head whole (the default): the head on the whole latent, then the tail in two passes; with
+    ``mid_block: tile``: the whole decoder in two passes."""
     tiled, _ = pipes
     latents = np.random.default_rng(seed).standard_normal((1, 4, 16, 16), dtype=np.float32)
     scaled = latents / np.float32(tiled.manifest.latent_scaling_factor)
-    expected = to_image(torch_two_pass(vae.decoder, lambda z: torch_decode(vae, z), scaled, (1, 8)))
+    decoder = Decoder(vae)
+    expected = to_image(torch_two_pass(vae.decoder, decoder.tail, decoder.head(scaled), (1, 8)))
     assert np.max(np.abs(tiled.decode(latents) - expected)) <= TOL["two_pass_vs_torch_max_abs"]
+    no_head = to_image(torch_two_pass(vae.decoder, lambda z: torch_decode(vae, z), scaled, (1, 8)))
+    assert np.max(np.abs(Pipeline.from_bundle(no_head_bundle).decode(latents) - no_head)) \
+        <= TOL["two_pass_vs_torch_max_abs"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_whole_head_comes_closer_to_the_untiled_decode(pipes: tuple[Pipeline, Pipeline], no_head_bundle: Path,
+                                                           seed: int):
+    """Two passes both; the mid block's attention over the whole latent instead of one tile's."""
+    head, untiled = pipes
+    no_head = Pipeline.from_bundle(no_head_bundle)
+    latents = np.random.default_rng(seed).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    reference = untiled.decode(latents)
+    assert psnr(reference, head.decode(latents)) > psnr(reference, no_head.decode(latents))
 
 
 def test_two_pass_encode_equals_the_pytorch_two_pass(vae: torch.nn.Module, pipes: tuple[Pipeline, Pipeline]):
@@ -228,8 +291,8 @@ def test_a_per_tile_bundle_behaves_as_before(vae: torch.nn.Module, per_tile_bund
 
 
 def test_prefetch_opens_each_decoder_chunk_once_per_pass(tiled_bundle: Path, monkeypatch: pytest.MonkeyPatch):
-    """Each pass runs all tiles chunk-major; the decoder hints its own first chunk after pass 1 and nothing after
-    pass 2, so prefetch guesses right every time and opens nothing more."""
+    """The head runs once, then each pass runs all tiles chunk-major; the decoder hints its own first chunk after
+    pass 1 and nothing after pass 2, so prefetch guesses right every time and opens nothing more."""
     opened: list[tuple[str, str]] = []
     inner = BACKENDS.get("onnx")
 
@@ -241,8 +304,9 @@ def test_prefetch_opens_each_decoder_chunk_once_per_pass(tiled_bundle: Path, mon
     pipe = Pipeline.from_bundle(tiled_bundle, memory="prefetch")
     pipe.decode(np.zeros((1, 4, 16, 16), np.float32))
     pipe.close()
+    head = [c.id for c in pipe.manifest.component("vae_decoder_head").chunks]
     chunks = [c.id for c in pipe.manifest.component("vae_decoder").chunks]
-    assert [chunk for chunk, _ in opened] == chunks * 2
+    assert [chunk for chunk, _ in opened] == head + chunks * 2
     assert all(thread.startswith("pocketsd-prefetch") for _, thread in opened[1:]), opened
 
 

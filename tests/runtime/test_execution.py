@@ -21,9 +21,16 @@ from pocketsd.cli import main
 from pocketsd.errors import BundleError, GenerateError
 from pocketsd.runtime import hashing
 from pocketsd.runtime.chain import ComponentRunner
-from pocketsd.runtime.manifest import load_manifest
+from pocketsd.runtime.manifest import Chunk, FileRef, load_manifest
 from pocketsd.runtime.pipeline import Pipeline
-from pocketsd.runtime.sessions import BACKENDS, Backend, SessionOptions
+from pocketsd.runtime.sessions import (
+    ARENA_MAX_ACTIVATION_BYTES,
+    BACKENDS,
+    Backend,
+    SessionOptions,
+    _arena_pays,
+    open_chunk,
+)
 
 pytestmark = pytest.mark.export  # the tiny bundle is made by the exporter
 
@@ -255,3 +262,32 @@ def test_stream_peak_memory_is_not_above_resident(tiny_bundle: Path):
 
     resident, stream = peak_kb("resident"), peak_kb("stream")
     assert stream <= resident + 4 * 1024, (stream, resident)  # tiny chunks: only a few MB apart, so 4 MB of slack
+
+
+
+def test_the_arena_is_used_only_where_tensors_are_small():
+    def with_largest(value: object) -> Chunk:
+        extra = {} if value is None else {"largest_activation_bytes": value}
+        return Chunk("c", "onnx", FileRef("c.onnx", "0" * 64, 1), 0, (), (), (), extra=extra)
+
+    assert _arena_pays(with_largest(1)) and _arena_pays(with_largest(ARENA_MAX_ACTIVATION_BYTES))
+    assert not _arena_pays(with_largest(ARENA_MAX_ACTIVATION_BYTES + 1))
+    assert not _arena_pays(with_largest(None)) and not _arena_pays(with_largest("big")) and not _arena_pays(None)
+
+
+def test_streamed_sessions_hand_out_arrays_of_their_own(tiny_bundle: Path):
+    """Every ONNX chunk records its largest tensor (at least its largest output); a transient session with an arena
+    copies its outputs out of it: an array still pointing into the arena would keep the arena alive after the
+    session, and the UNet's skip connections would pin every early chunk's arena until the last chunk."""
+    manifest = load_manifest(tiny_bundle)
+    for component in manifest.components.values():
+        for chunk in component.chunks:
+            largest = chunk.extra["largest_activation_bytes"]
+            assert isinstance(largest, int) and largest >= max(int(np.prod(t.shape)) * 4 for t in chunk.outputs)
+    first = manifest.component("unet").chunks[0]
+    assert _arena_pays(first)
+    feeds = {t.name: np.zeros(t.shape, np.float32) for t in first.inputs}
+    streamed = open_chunk(tiny_bundle, first, SessionOptions(transient=True)).run(feeds)
+    resident = open_chunk(tiny_bundle, first, SessionOptions()).run(feeds)
+    assert all(v.base is None and v.flags.owndata for v in streamed.values())
+    assert all(np.array_equal(streamed[k], resident[k]) for k in resident)

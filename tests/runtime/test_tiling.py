@@ -127,7 +127,9 @@ def test_manifest_entry():
     assert Tiling.from_extra({"tiling": {**TILING, "group_norm": "tile"}}) == Tiling(8, 8, 2)
     assert Tiling.from_extra({"tiling": TWO_PASS}) == Tiling(8, 8, 2, NAMES)
     assert Tiling.from_extra({}) is None
-    for bad in ({"space": "pixel", "tile_height": 8, "tile_width": 8, "overlap": 2},
+    assert Tiling.from_extra({"tiling": {**TWO_PASS, "head": "vae_decoder_head"}}).head == "vae_decoder_head"
+    for bad in ({**TILING, "head": ""}, {**TILING, "head": 3},
+                {"space": "pixel", "tile_height": 8, "tile_width": 8, "overlap": 2},
                 {"space": "latent", "tile_height": 8, "overlap": 2},
                 {"space": "latent", "tile_height": 0, "tile_width": 8, "overlap": 2}, [8, 8, 2],
                 {**TILING, "group_norm": "whole"}, {**TILING, "group_norm": "image"},
