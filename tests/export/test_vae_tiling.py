@@ -78,20 +78,23 @@ def tiled_bundle(tiny_model_dir: Path, preset_file: Path, tmp_path_factory: pyte
     return export_bundle(ExportRequest(str(tiny_model_dir), load_preset(str(preset_file)), out, progress=False))
 
 
+def export_vae_only(text: str, model: Path, tmp: pytest.TempPathFactory) -> Path:
+    """Export the tiny model with the preset ``text`` into a folder named after the preset."""
+    name = text.split("name:")[1].split()[0]
+    path = tmp.mktemp("presets") / f"{name}.yaml"
+    path.write_text(text)
+    return export_bundle(ExportRequest(str(model), load_preset(str(path)), tmp.mktemp("bundles") / name,
+                                       progress=False))
+
+
 @pytest.fixture(scope="module")
 def per_tile_bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("presets") / "tiny-tiled-per-tile.yaml"
-    path.write_text(PER_TILE_PRESET)
-    out = tmp_path_factory.mktemp("bundles") / "tiny-tiled-per-tile"
-    return export_bundle(ExportRequest(str(tiny_model_dir), load_preset(str(path)), out, progress=False))
+    return export_vae_only(PER_TILE_PRESET, tiny_model_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def no_head_bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("presets") / "tiny-tiled-no-head.yaml"
-    path.write_text(NO_HEAD_PRESET)
-    out = tmp_path_factory.mktemp("bundles") / "tiny-tiled-no-head"
-    return export_bundle(ExportRequest(str(tiny_model_dir), load_preset(str(path)), out, progress=False))
+    return export_vae_only(NO_HEAD_PRESET, tiny_model_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
