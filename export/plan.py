@@ -49,8 +49,8 @@ class PlannedChunk:
     outputs: tuple[BoundaryTensor, ...]
     params: tuple[str, ...]
     input_values: tuple[str, ...] = ()  # FX value behind each input, aligned with ``inputs`` (for the slicer)
-    largest_activation_bytes: int = 0  # the largest tensor an op of the chunk produces (runtime/sessions.py)
     output_values: tuple[str, ...] = ()  # likewise for ``outputs``
+    largest_activation_bytes: int = 0  # the largest tensor an op of the chunk produces (runtime/sessions.py)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class Pipeline:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.memory = memory
+        self.decoder_head = decoder_head(manifest)  # checked at load, not after the last denoising step
         self.options = replace(options, transient=memory != "resident")
         self.policy = make_policy(memory, chunk_opener(self.bundle_dir, self.options))
         self._runners: dict[str, ComponentRunner] = {}
@@ -180,8 +181,7 @@ class Pipeline:
         for done, i in enumerate(range(start, len(schedule.timesteps)), start=1):
             model_in = sched.scale_model_input(schedule, x, i)
             if done == total:
-                head = decoder_head(self.manifest)
-                self._expect(head.id if head is not None else "vae_decoder")
+                self._expect(self.decoder_head.id if self.decoder_head is not None else "vae_decoder")
             if guided:
                 noise_uncond, noise_text = np.split(self.unet(np.concatenate([model_in] * 2), schedule.timesteps[i],
                                                               context), 2)
@@ -233,8 +233,7 @@ class Pipeline:
         decoder (runtime/tiling.py) runs once per tile, its tiles blended; with whole-image GroupNorm statistics,
         twice per tile."""
         scaled = (latents / np.float32(self.manifest.latent_scaling_factor)).astype(np.float32)
-        decoder = self.manifest.component("vae_decoder")
-        head = decoder_head(self.manifest)
+        decoder, head = self.manifest.component("vae_decoder"), self.decoder_head
         if head is not None:  # run whole, then its output is tiled (the tiling entry's ``head``)
             self._expect("vae_decoder")
             runner = self.runner(head.id)

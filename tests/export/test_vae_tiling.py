@@ -31,7 +31,7 @@ from pocketsd.export.model_loader import load_module, open_model_folder  # noqa:
 from pocketsd.export.preset import load_preset  # noqa: E402
 from pocketsd.runtime.manifest import load_manifest  # noqa: E402
 from pocketsd.runtime.pipeline import Pipeline  # noqa: E402
-from pocketsd.runtime.sessions import BACKENDS, Backend  # noqa: E402
+from pocketsd.runtime.sessions import BACKENDS, Backend, SessionOptions  # noqa: E402
 from pocketsd.runtime.tiling import TileIO, Tiling, call_tiled, decoder_head, run_tiled  # noqa: E402
 
 # 1 MiB cuts the tiny UNet's self-attention (2 × 8 heads × 256 keys × 4 B = 16 KiB a query) into 4 blocks of 64
@@ -175,6 +175,8 @@ def test_a_head_that_does_not_fit_is_refused(tiled_bundle: Path):
                           (with_(vae_decoder_head=tiled_head), "must be untiled")):
         with pytest.raises(BundleError, match=expected):
             decoder_head(bad)
+        with pytest.raises(BundleError, match=expected):  # when the bundle is loaded, before any denoising
+            Pipeline(tiled_bundle, bad, SessionOptions())
 
 
 def test_the_statistics_reach_every_chunk_and_each_chunk_passes_parity(tiled_bundle: Path):
