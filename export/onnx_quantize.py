@@ -10,8 +10,9 @@ exactly representable — and rewrites the chunk so that only integers and scale
   Conv, input 1                DequantizeLinear → Conv. int8: one scale per output channel (axis 0); int4: blocks
                                of B input channels (axis 1, ``block_size`` B, opset 21, a partial last block).
                                A weight over 16 MiB of fp32: one such pair per output-channel range, then Concat
-  MatMul input 1 [K, N]; Gemm  com.microsoft MatMulNBits, bits 8 / 4, blocks along K (Gemm's bias as its bias).
-  input 1 (transA 0, α = β = 1)  int8 repeats the output channel's scale in each block (16..256 wide)
+  MatMul input 1 [K, N]; Gemm  int8: DequantizeLinear of [N, K] (one scale per output channel, axis 0) →
+  input 1 (transA 0, α = β = 1)  com.microsoft FusedMatMul (transB) / Gemm (transB), per ≤ 16 MiB output range, then
+                               Concat. int4: com.microsoft MatMulNBits, blocks along K (Gemm's bias as its bias)
   Gather input 0 (token table) com.microsoft GatherBlockQuantized, bits 8, one scale per row
   ===========================  ====================================================================================
 
@@ -23,12 +24,21 @@ Why these forms (measured with onnxruntime 1.31, CPU):
   quantized Conv kernel: each run dequantizes Conv weights into the arena (onnxruntime's default order runs many DQs
   ahead of their Convs; still 376 MB peak against 574 MB; ``execution_order = PRIORITY_BASED`` is worse, 539 MB,
   as fused nodes get late indices) and runs the Conv in fp32 without NCHWc prepacking: 1.1-1.25x the fp32 time.
-- MatMul: onnxruntime fuses DequantizeLinear → MatMul into MatMulNBits by itself at load, but computes it at the
-  session's ``session.qdq_matmulnbits_accuracy_level`` (default 4: activations quantized to int8; 0.48 max abs on a
-  768-wide random layer, i.e. not the graph PyTorch checked). We write MatMulNBits with no ``accuracy_level`` (fp32
-  compute), so chunks match PyTorch whatever the runtime's session options. ``MatMulNBitsQuantizer``
+- MatMul, int4: onnxruntime fuses DequantizeLinear → MatMul into MatMulNBits by itself at load, but computes it
+  at the session's ``session.qdq_matmulnbits_accuracy_level`` (default 4: activations quantized to int8; 0.48 max
+  abs on a 768-wide random layer, i.e. not the graph PyTorch checked). We write MatMulNBits with no
+  ``accuracy_level`` (fp32 compute), so chunks match PyTorch whatever the runtime's session options; with weight
+  prepacking (resident sessions) its 4-bit kernel runs at fp32 MatMul speed. ``MatMulNBitsQuantizer``
   (onnxruntime.quantization) computes its own scales from fp32 weights; we must keep exactly the grid PyTorch
   measured, so the packing (a few numpy lines) is written here.
+- MatMul, int8: MatMulNBits has no fast 8-bit fp32 kernel. Each call dequantizes the whole weight into a buffer of
+  its own outside onnxruntime's arena, so every call also page-faults that buffer in (1280×10240 at 64 tokens:
+  30 ms against 6 ms in fp32). A DequantizeLinear's output comes from the session's allocator instead (reused by
+  the second guidance row of a streamed chunk), and FusedMatMul with ``transB`` (which onnxruntime does not fuse
+  back into MatMulNBits, unlike DQ → MatMul or DQ → Transpose → MatMul) multiplies in fp32: SD 1.5's streamed
+  UNet step at 512² took 5.7-5.9 s instead of 7.0-7.3 s, and int8 [N, K] with one scale per channel is also the
+  smaller file. Each use of a weight gets its own DequantizeLinear nodes (the integers are stored once), so a
+  sliced feed-forward never keeps its fp32 weight alive between slices.
 - Gather: GatherBlockQuantized gathers int8 rows and scales only those, so the fp32 table never exists at run time
   (a DequantizeLinear of the table would build all of it on every run). uint8 with its default zero point 128 holds
   q + 128 exactly; ``block_size`` is the row length rounded up to a power of two, i.e. one scale per row. Checked
@@ -54,36 +64,26 @@ from pocketsd.export.onnx_files import save_chunk_model
 log = logging.getLogger(__name__)
 
 QMAX = {"int8": 127, "int4": 7}
-MATMUL_BLOCKS = (256, 128, 64, 32, 16)  # the block sizes MatMulNBits accepts on CPU (onnxruntime 1.31)
 MS_DOMAIN = "com.microsoft"
 DEQUANTIZED_PIECE_BYTES = 16 * 2**20  # the most fp32 bytes of a Conv weight dequantized at once (see _split_conv)
 
 
 # ---- stored bytes: what each quantized weight costs in the file (the planner balances chunks by these) ----
 
-def matmul_block(k: int, mode: str, block_size: int) -> int:
-    """MatMulNBits block along K. int4: the preset's. int8 (one scale per output channel, repeated per block): the
-    width in 16..256 that stores the column in the fewest bytes (padding + scales)."""
-    if mode == "int4":
-        return block_size
-    return min(MATMUL_BLOCKS, key=lambda b: -(-k // b) * (b + 4))
-
-
 def stored_bytes(kind: str, mode: str, shape: tuple[int, ...], block_size: int) -> int:
     """Bytes of a quantized weight in the chunk file. ``shape`` is PyTorch's ([O, I, kh, kw], [out, in], [V, D])."""
     numel = int(np.prod(shape))
     if kind == "embedding":
         return numel + 4 * shape[0]
+    if mode == "int8" and kind in ("conv", "linear"):  # int8 [out, ...] and one fp32 scale per output channel
+        return numel + 4 * shape[0]
     if kind == "conv":
-        if mode == "int8":
-            return numel + 4 * shape[0]
         out, inp, *kernel = shape
         return -(-numel // 2) + 4 * out * int(np.prod(kernel)) * -(-inp // block_size)
-    if kind == "linear":
+    if kind == "linear":  # int4 MatMulNBits: K padded to whole blocks, one scale per block
         n, k = shape
-        block = matmul_block(k, mode, block_size)
-        blocks = -(-k // block)
-        return n * blocks * block * (8 if mode == "int8" else 4) // 8 + 4 * n * blocks
+        blocks = -(-k // block_size)
+        return n * blocks * block_size // 2 + 4 * n * blocks
     raise InternalError(f"unknown weight kind {kind!r}")
 
 
@@ -129,16 +129,12 @@ def conv_weight(w: np.ndarray, mode: str, block: int, what: str) -> tuple[np.nda
     return np.ascontiguousarray(q), np.ascontiguousarray(s.transpose(0, 3, 1, 2)), {"axis": 1, "block_size": block}
 
 
-def matmul_nbits_weight(w_nk: np.ndarray, mode: str, block: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Linear weight [N, K] → MatMulNBits B (uint8 [N, k_blocks, block·bits/8]) and scales [N, k_blocks]."""
+def matmul_nbits_weight(w_nk: np.ndarray, block: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Linear weight [N, K] on the int4 grid → MatMulNBits B (uint8 [N, k_blocks, block / 2]) and scales
+    [N, k_blocks]."""
     n, k = w_nk.shape
     padded = _pad_last(w_nk, block).reshape(n, -1, block)
-    if mode == "int8":  # one scale per output channel over all of K, repeated in each block
-        q, s = recover_grid(w_nk, QMAX[mode], what)
-        q = _pad_last(q, block).reshape(n, -1, block)
-        scales = np.repeat(s[:, None], padded.shape[1], axis=1)
-        return (q.astype(np.int16) + 128).astype(np.uint8), scales
-    q, scales = recover_grid(padded, QMAX[mode], what)
+    q, scales = recover_grid(padded, QMAX["int4"], what)
     u = (q.astype(np.int16) + 8).astype(np.uint8)  # MatMulNBits' default zero point for 4 bits is 8
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8), scales  # low nibble first
 
@@ -184,7 +180,7 @@ def _candidate(usage: ir.Usage) -> str | None:
     return None
 
 
-def conv_pieces(out_channels: int, channel_bytes: int, limit: int | None = None) -> list[tuple[int, int]]:
+def output_pieces(out_channels: int, channel_bytes: int, limit: int | None = None) -> list[tuple[int, int]]:
     """Output-channel ranges [a, b) of at most ``limit`` (default DEQUANTIZED_PIECE_BYTES) dequantized fp32 bytes
     each, as equal as possible."""
     limit = limit or DEQUANTIZED_PIECE_BYTES
@@ -202,7 +198,7 @@ def _sliceable_bias(node: ir.Node) -> bool:
 def _rewrite_conv(rw: _Rewrite, value: ir.Value, w: np.ndarray, name: str) -> None:
     q, s, attrs = conv_weight(w, rw.mode, rw.block_size, f"{rw.chunk_id}: {name}")
     dtype = ir.DataType.INT8 if rw.mode == "int8" else ir.DataType.INT4
-    pieces = conv_pieces(w.shape[0], 4 * int(np.prod(w.shape[1:])))
+    pieces = output_pieces(w.shape[0], 4 * int(np.prod(w.shape[1:])))
     uses = list(value.uses())
     if len(pieces) > 1 and all(u.node.op_type == "Conv" and u.node.attributes.get_int("group", 1) == 1
                                and _sliceable_bias(u.node) for u in uses):
@@ -219,9 +215,12 @@ def _dequantize(rw: _Rewrite, q: np.ndarray, s: np.ndarray, attrs: dict, dtype: 
                 like: ir.Value | None = None) -> ir.Node:
     qv = rw.initializer(q if rw.mode == "int8" else q.astype(ml_dtypes.int4), f"{name}.{rw.mode}", dtype)
     sv = rw.initializer(s, f"{name}.scale")
+    return _dequantize_stored(rw, qv, sv, attrs, name, like.shape if like is not None else ir.Shape(list(q.shape)))
+
+
+def _dequantize_stored(rw: _Rewrite, qv: ir.Value, sv: ir.Value, attrs: dict, name: str, shape: ir.Shape) -> ir.Node:
     dq = ir.node("DequantizeLinear", [qv, sv], attributes=attrs, name=f"{name}.dequantize")
-    dq.outputs[0].name, dq.outputs[0].dtype = f"{name}.dequantized", ir.DataType.FLOAT
-    dq.outputs[0].shape = like.shape if like is not None else ir.Shape(list(q.shape))
+    dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = f"{name}.dequantized", ir.DataType.FLOAT, shape
     # At the head of the node list, not before the Conv: onnxruntime orders execution by a depth-first walk back
     # from the outputs that visits a node's highest-index input first, so a DequantizeLinear placed late in the
     # list runs early and its fp32 weight stays alive until its Conv. Placed first, each runs just before its Conv
@@ -261,23 +260,69 @@ def _replace_node(rw: _Rewrite, old: ir.Node, new: ir.Node) -> None:
     ir.convenience.replace_nodes_and_values(rw.graph, old, [old], [new], old.outputs, new.outputs)
 
 
+def _gemm_bias(rw: _Rewrite, node: ir.Node, n: int) -> ir.Value | None:
+    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    if bias is not None and (bias.shape is None or tuple(bias.shape) != (n,)):
+        raise InternalError(f"{rw.chunk_id}: Gemm {node.name} has a bias of shape {bias.shape}, not [{n}]")
+    return bias
+
+
 def _rewrite_linear(rw: _Rewrite, value: ir.Value, w_nk: np.ndarray, name: str) -> None:
+    if rw.mode == "int8":
+        _rewrite_linear_int8(rw, value, w_nk, name)
+        return
     n, k = w_nk.shape
-    block = matmul_block(k, rw.mode, rw.block_size)
-    packed, scales = matmul_nbits_weight(w_nk, rw.mode, block, f"{rw.chunk_id}: {name}")
+    packed, scales = matmul_nbits_weight(w_nk, rw.block_size, f"{rw.chunk_id}: {name}")
     bv = rw.initializer(packed, f"{name}.{rw.mode}")
     sv = rw.initializer(scales, f"{name}.scale")
-    bits = 8 if rw.mode == "int8" else 4
     for usage in list(value.uses()):
         old = usage.node
-        bias = old.inputs[2] if old.op_type == "Gemm" and len(old.inputs) > 2 else None
-        if bias is not None and (bias.shape is None or tuple(bias.shape) != (n,)):
-            raise InternalError(f"{rw.chunk_id}: Gemm {old.name} has a bias of shape {bias.shape}, not [{n}]")
+        bias = _gemm_bias(rw, old, n)
         inputs = [old.inputs[0], bv, sv] + ([None, None, bias] if bias is not None else [])  # no zero points
         new = ir.node("MatMulNBits", inputs, domain=MS_DOMAIN,
-                      attributes={"K": k, "N": n, "bits": bits, "block_size": block}, name=f"{old.name}.nbits")
+                      attributes={"K": k, "N": n, "bits": 4, "block_size": rw.block_size}, name=f"{old.name}.nbits")
         _replace_node(rw, old, new)
     rw.done[name] = "MatMulNBits"
+
+
+def _rewrite_linear_int8(rw: _Rewrite, value: ir.Value, w_nk: np.ndarray, name: str) -> None:
+    """Each MatMul / Gemm using the weight → per output range [a, b): DequantizeLinear(int8 [b - a, K]) →
+    FusedMatMul(x, ·, transB) or Gemm(x, ·, bias[a:b], transB), then Concat on the last axis (see the module
+    docstring). The integers and scales are stored once; every use dequantizes its own copy."""
+    n, k = w_nk.shape
+    q, s = recover_grid(w_nk, QMAX["int8"], f"{rw.chunk_id}: {name}")
+    pieces = output_pieces(n, 4 * k)
+    stored = [(rw.initializer(q[a:b], f"{name}.{i}.int8" if len(pieces) > 1 else f"{name}.int8"),
+               rw.initializer(s[a:b], f"{name}.{i}.scale" if len(pieces) > 1 else f"{name}.scale"))
+              for i, (a, b) in enumerate(pieces)]
+    for u, usage in enumerate(list(value.uses())):
+        old = usage.node
+        bias = _gemm_bias(rw, old, n)
+        if bias is not None and len(pieces) > 1 and bias.const_value is None:
+            raise InternalError(f"{rw.chunk_id}: Gemm {old.name} has a computed bias; its weight cannot be split")
+        products = []
+        for i, ((a, b), (qv, sv)) in enumerate(zip(pieces, stored)):
+            dq = _dequantize_stored(rw, qv, sv, {"axis": 0}, f"{name}.use{u}.{i}", ir.Shape([b - a, k]))
+            if old.op_type == "Gemm":
+                piece_bias = bias if bias is None or len(pieces) == 1 else \
+                    rw.initializer(bias.const_value.numpy()[a:b], f"{bias.name}.{i}")
+                inputs = [old.inputs[0], dq.outputs[0]] + ([piece_bias] if piece_bias is not None else [])
+                product = ir.node("Gemm", inputs, attributes={"transB": 1}, name=f"{old.name}.{i}")
+            else:
+                product = ir.node("FusedMatMul", [old.inputs[0], dq.outputs[0]], domain=MS_DOMAIN,
+                                  attributes={"transB": 1}, name=f"{old.name}.{i}")
+            product.outputs[0].dtype = ir.DataType.FLOAT
+            products.append(product)
+        new = products
+        if len(products) > 1:
+            new = [*products, ir.node("Concat", [p.outputs[0] for p in products], attributes={"axis": -1},
+                                      name=f"{old.name}.concat")]
+        new[-1].outputs[0].shape, new[-1].outputs[0].dtype = old.outputs[0].shape, old.outputs[0].dtype
+        ir.convenience.replace_nodes_and_values(rw.graph, old, [old], new, old.outputs, new[-1].outputs)
+        if bias is not None and len(pieces) > 1 and not bias.uses() and bias.name in rw.graph.initializers:
+            rw.graph.initializers.pop(bias.name)
+    rw.min_opset = max(rw.min_opset, 19)
+    rw.done[name] = "DequantizeLinear"
 
 
 def _rewrite_gather(rw: _Rewrite, value: ir.Value, table: np.ndarray, name: str) -> None:
@@ -338,7 +383,7 @@ def quantize_chunk_file(files: list[Path], expected: Mapping[str, np.ndarray], m
     if rw.min_opset > model.opset_imports.get("", 0):
         raise InternalError(f"{chunk_id}: DequantizeLinear needs opset {rw.min_opset}, the graph has "
                             f"{model.opset_imports.get('')}")
-    if any(op != "DequantizeLinear" for op in rw.done.values()):
+    if any(node.domain == MS_DOMAIN for node in model.graph):
         model.opset_imports[MS_DOMAIN] = 1
     return _save(model, files), _summary(rw)
 

@@ -12,7 +12,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class SessionOptions:
     verify_hashes: bool = True
     # Opened for one use and released (memory policies stream/prefetch): nothing that only pays off over many runs,
     # i.e. no memory-pattern planning, no weight prepacking (a packed copy of every MatMul weight), and a memory
-    # arena only where it lives and dies with the session (``_arena_pays``).
+    # arena only where it lives and dies with the session (``onnx_session_options``).
     transient: bool = False
 
 
@@ -52,22 +52,33 @@ class Backend:
 BACKENDS: Registry[Backend] = Registry("backend", BundleError)
 
 
+def onnx_session_options(options: SessionOptions, chunk: Chunk | None = None) -> Any:
+    """The ``onnxruntime.SessionOptions`` a chunk is opened with (memory settings from ``options`` and the chunk's
+    recorded largest tensor, see below)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if options.low_memory or options.transient:
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
+    if options.transient:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        if _largest_activation_within(chunk, ARENA_MAX_ACTIVATION_BYTES):
+            so.enable_mem_reuse = False
+            so.enable_cpu_mem_arena = True
+    elif options.low_memory and _largest_activation_within(chunk, RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES):
+        so.enable_mem_reuse = False
+    return so
+
+
 class OnnxSession:
     def __init__(self, path: Path, options: SessionOptions, chunk: Chunk | None = None) -> None:
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.threads
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if options.low_memory or options.transient:
-            so.enable_cpu_mem_arena = False
-            so.enable_mem_pattern = False
-        if options.transient:
-            so.add_session_config_entry("session.disable_prepacking", "1")
-            if _arena_pays(chunk):
-                so.enable_mem_reuse = False
-                so.enable_cpu_mem_arena = True
+        so = onnx_session_options(options, chunk)
         # From a path, never from bytes: onnxruntime then reads the file itself (and memory-maps external data)
         # instead of holding a second copy of every weight for the duration of the load.
         self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -93,11 +104,16 @@ class OnnxSession:
 #   decoder tile (36 MiB tensors) +175 MB with the plan, +270 MB with the arena.
 # The exporter records each chunk's largest tensor; up to this size the arena is used.
 ARENA_MAX_ACTIVATION_BYTES = 16 * 2**20
+# Resident sessions under ``low_memory`` (no arena) drop the reuse plan too where tensors are at most this large:
+# SD 1.5 cpu-int8 at 512² (batch-2 UNet chunks of 5-30 MiB tensors) peaked at 1,633 MB over 20 steps with the plan,
+# 1,423 MB without it, at no cost in time. The VAE decoder tile (64 MiB tensors) keeps its plan: without it the
+# decode peaked higher (1,603 MB), since malloc then keeps freed blocks of that size around.
+RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES = 32 * 2**20
 
 
-def _arena_pays(chunk: Chunk | None) -> bool:
+def _largest_activation_within(chunk: Chunk | None, limit: int) -> bool:
     largest = chunk.extra.get("largest_activation_bytes") if chunk is not None else None
-    return isinstance(largest, int) and 0 < largest <= ARENA_MAX_ACTIVATION_BYTES
+    return isinstance(largest, int) and 0 < largest <= limit
 
 
 def _onnx_open(path: Path, chunk: Chunk, options: SessionOptions) -> ChunkSession:

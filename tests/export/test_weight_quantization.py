@@ -170,11 +170,12 @@ class _Embed(nn.Module):
         return self.table(ids.long())
 
 
-LAYERS = {  # name → (module, example input, kind, the ONNX op that must store it)
+LINEAR_OPS = {"int8": "DequantizeLinear", "int4": "MatMulNBits"}
+LAYERS = {  # name → (module, example input, kind, the ONNX op that must store it (per mode where it differs))
     "conv3x3": (lambda: nn.Conv2d(320, 64, 3, padding=1), (1, 320, 8, 8), "conv", "DequantizeLinear"),
     "conv_narrow": (lambda: nn.Conv2d(4, 40, 3, padding=1), (1, 4, 8, 8), "conv", "DequantizeLinear"),
-    "linear_3d": (lambda: nn.Linear(320, 200), (2, 7, 320), "linear", "MatMulNBits"),  # MatMul [K, N]
-    "linear_2d": (lambda: nn.Linear(320, 200), (2, 320), "linear", "MatMulNBits"),  # Gemm transB with bias
+    "linear_3d": (lambda: nn.Linear(320, 200), (2, 7, 320), "linear", LINEAR_OPS),  # MatMul [K, N]
+    "linear_2d": (lambda: nn.Linear(320, 200), (2, 320), "linear", LINEAR_OPS),  # Gemm transB with bias
     "embedding": (_Embed, None, "embedding", "GatherBlockQuantized"),
 }
 
@@ -192,6 +193,7 @@ def test_onnx_conversion_is_lossless(layer: str, mode: str, tmp_path: Path):
     files = write_onnx(module, [x], ["x"], ["y"], tmp_path / "layer.onnx")
     weight = f"{name}.weight" if name else "weight"
     files, summary = store_chunk_quantized(files, module, {weight}, WeightQuantization(mode, 64), "layer")
+    op = op[mode] if isinstance(op, dict) else op
     assert summary["ops"] == {op: 1} and summary["layers"] == 1
     stored = onnx.load(files[0])
     assert weight not in {i.name for i in stored.graph.initializer}  # the fp32 weight is gone
@@ -231,12 +233,67 @@ def test_wide_convs_are_dequantized_in_pieces(mode: str, tmp_path: Path, monkeyp
         assert float(np.max(np.abs(got - module(x).numpy()))) <= 1e-5
 
 
-def test_conv_pieces_cover_the_channels_within_the_budget():
-    from pocketsd.export.onnx_quantize import conv_pieces
+class _SlicedFeedForward(nn.Module):
+    """One Linear used twice (as sliced attention / feed-forward use theirs) and one with a bias in 2-D (Gemm)."""
 
-    assert conv_pieces(1280, 2560 * 9 * 4, 16 * 2**20) == [(i * 160, i * 160 + 160) for i in range(8)]
-    assert conv_pieces(320, 320 * 9 * 4, 16 * 2**20) == [(0, 320)]
-    pieces = conv_pieces(7, 10, 25)
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(64, 96)
+        self.gemm = nn.Linear(96, 40)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.proj(x[:, :5]), self.proj(x[:, 5:])], dim=1)
+        return self.gemm(h.mean(dim=1))
+
+
+def test_int8_linears_are_dequantized_per_use_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """int8 Linear weights are stored once as int8 [N, K] per output range; each use dequantizes its own pieces
+    into FusedMatMul / Gemm (transB) and concatenates them. onnxruntime keeps that form (it would turn
+    DequantizeLinear → MatMul into MatMulNBits, whose 8-bit kernel is the slow one), and it computes what PyTorch
+    does."""
+    import onnxruntime as ort
+
+    import pocketsd.export.onnx_quantize as onnx_quantize
+
+    torch.manual_seed(0)
+    module = _SlicedFeedForward().eval()
+    with torch.no_grad():
+        for layer in (module.proj, module.gemm):
+            layer.weight.copy_(fake_quantize(layer.weight, "linear", "int8", 64))
+    x = torch.randn(2, 9, 64)
+    monkeypatch.setattr(onnx_quantize, "DEQUANTIZED_PIECE_BYTES", 40 * 64 * 4)  # proj: 3 × 32 rows, gemm: 2 × 20
+    files = write_onnx(module, [x], ["x"], ["y"], tmp_path / "layer.onnx")
+    files, summary = store_chunk_quantized(files, module, {"proj.weight", "gemm.weight"},
+                                           WeightQuantization("int8", 64), "layer")
+    assert summary["ops"] == {"DequantizeLinear": 2}
+    graph = onnx.load(files[0]).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("FusedMatMul") == 6 and ops.count("Gemm") == 2 and ops.count("DequantizeLinear") == 8
+    assert "MatMulNBits" not in ops and ops.count("Concat") >= 2
+    stored = {i.name: i for i in graph.initializer}
+    assert not any(n.startswith("gemm.bias") and not n.endswith((".0", ".1")) for n in stored)  # bias in pieces
+    assert sorted(n for n in stored if n.startswith("proj.weight")) == \
+        [f"proj.weight.{i}.{part}" for i in range(3) for part in ("int8", "scale")]  # once, not once per use
+    assert sum(len(stored[n].raw_data) for n in stored if n.startswith("proj.weight")) == \
+        stored_bytes("linear", "int8", (96, 64), 64)
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(files[0]), so, providers=["CPUExecutionProvider"])
+    optimized = {n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
+    assert "MatMulNBits" not in optimized and "FusedMatMul" in optimized
+
+    got = OnnxSession(files[0], SessionOptions(threads=1)).run({"x": x.numpy()})["y"]
+    with torch.no_grad():
+        assert float(np.max(np.abs(got - module(x).numpy()))) <= 1e-5
+
+
+def test_output_pieces_cover_the_channels_within_the_budget():
+    from pocketsd.export.onnx_quantize import output_pieces
+
+    assert output_pieces(1280, 2560 * 9 * 4, 16 * 2**20) == [(i * 160, i * 160 + 160) for i in range(8)]
+    assert output_pieces(320, 320 * 9 * 4, 16 * 2**20) == [(0, 320)]
+    pieces = output_pieces(7, 10, 25)
     assert pieces[0][0] == 0 and pieces[-1][1] == 7 and all(b - a <= 2 for a, b in pieces)
     assert all(p[1] == q[0] for p, q in zip(pieces, pieces[1:]))
 

@@ -26,9 +26,10 @@ from pocketsd.runtime.pipeline import Pipeline
 from pocketsd.runtime.sessions import (
     ARENA_MAX_ACTIVATION_BYTES,
     BACKENDS,
+    RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES,
     Backend,
     SessionOptions,
-    _arena_pays,
+    onnx_session_options,
     open_chunk,
 )
 
@@ -265,14 +266,30 @@ def test_stream_peak_memory_is_not_above_resident(tiny_bundle: Path):
 
 
 
-def test_the_arena_is_used_only_where_tensors_are_small():
-    def with_largest(value: object) -> Chunk:
-        extra = {} if value is None else {"largest_activation_bytes": value}
-        return Chunk("c", "onnx", FileRef("c.onnx", "0" * 64, 1), 0, (), (), (), extra=extra)
+def _with_largest(value: object) -> Chunk:
+    extra = {} if value is None else {"largest_activation_bytes": value}
+    return Chunk("c", "onnx", FileRef("c.onnx", "0" * 64, 1), 0, (), (), (), extra=extra)
 
-    assert _arena_pays(with_largest(1)) and _arena_pays(with_largest(ARENA_MAX_ACTIVATION_BYTES))
-    assert not _arena_pays(with_largest(ARENA_MAX_ACTIVATION_BYTES + 1))
-    assert not _arena_pays(with_largest(None)) and not _arena_pays(with_largest("big")) and not _arena_pays(None)
+
+def _memory_settings(options: SessionOptions, largest: object) -> tuple[bool, bool, bool]:
+    so = onnx_session_options(options, _with_largest(largest))
+    return so.enable_cpu_mem_arena, so.enable_mem_reuse, so.enable_mem_pattern
+
+
+def test_the_arena_is_used_only_where_tensors_are_small():
+    """Transient sessions: arena without the reuse plan up to ARENA_MAX_ACTIVATION_BYTES, else the plan without an
+    arena; resident low-memory sessions drop the plan up to their own limit and never get an arena; a chunk that
+    records no (or a malformed) size keeps onnxruntime's plan."""
+    transient, low, default = SessionOptions(transient=True), SessionOptions(low_memory=True), SessionOptions()
+    assert _memory_settings(transient, 1) == (True, False, False)
+    assert _memory_settings(transient, ARENA_MAX_ACTIVATION_BYTES) == (True, False, False)
+    for unknown in (ARENA_MAX_ACTIVATION_BYTES + 1, None, "big", 0):
+        assert _memory_settings(transient, unknown) == (False, True, False)
+    assert _memory_settings(low, RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES) == (False, False, False)
+    for unknown in (RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES + 1, None, "big"):
+        assert _memory_settings(low, unknown) == (False, True, False)
+    assert _memory_settings(default, 1) == (True, True, True)  # resident, not low-memory: onnxruntime's defaults
+    assert onnx_session_options(transient, None).enable_mem_reuse
 
 
 def test_streamed_sessions_hand_out_arrays_of_their_own(tiny_bundle: Path):
@@ -285,7 +302,7 @@ def test_streamed_sessions_hand_out_arrays_of_their_own(tiny_bundle: Path):
             largest = chunk.extra["largest_activation_bytes"]
             assert isinstance(largest, int) and largest >= max(int(np.prod(t.shape)) * 4 for t in chunk.outputs)
     first = manifest.component("unet").chunks[0]
-    assert _arena_pays(first)
+    assert onnx_session_options(SessionOptions(transient=True), first).enable_cpu_mem_arena
     feeds = {t.name: np.zeros(t.shape, np.float32) for t in first.inputs}
     streamed = open_chunk(tiny_bundle, first, SessionOptions(transient=True)).run(feeds)
     resident = open_chunk(tiny_bundle, first, SessionOptions()).run(feeds)
