@@ -105,9 +105,9 @@ class OnnxSession:
 # The exporter records each chunk's largest tensor; up to this size the arena is used.
 ARENA_MAX_ACTIVATION_BYTES = 16 * 2**20
 # Resident sessions under ``low_memory`` (no arena) drop the reuse plan too where tensors are at most this large:
-# SD 1.5 cpu-int8 at 512² (batch-2 UNet chunks of 5-30 MiB tensors) peaked at 1,633 MB over 20 steps with the plan,
-# 1,423 MB without it, at no cost in time. The VAE decoder tile (64 MiB tensors) keeps its plan: without it the
-# decode peaked higher (1,603 MB), since malloc then keeps freed blocks of that size around.
+# SD 1.5 cpu-int8 at 512² (batch-2 UNet chunks of 5-30 MiB tensors), 20 steps: 1,633 MB peak with the plan, 1,579 MB
+# without it (the UNet part alone: 1,573 → 1,409 MB at 4 steps), at no cost in time. The VAE decoder tile (64 MiB
+# tensors at tile 32) keeps its plan: without it the decode peaked higher (1,603 MB).
 RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES = 32 * 2**20
 
 
