@@ -37,8 +37,7 @@ Why these forms (measured with onnxruntime 1.31, CPU):
   the second guidance row of a streamed chunk), and FusedMatMul with ``transB`` (which onnxruntime does not fuse
   back into MatMulNBits, unlike DQ → MatMul or DQ → Transpose → MatMul) multiplies in fp32: SD 1.5's streamed
   UNet step at 512² took 5.7-5.9 s instead of 7.0-7.3 s, and int8 [N, K] with one scale per channel is also the
-  smaller file. Each use of a weight gets its own DequantizeLinear nodes (the integers are stored once), so a
-  sliced feed-forward never keeps its fp32 weight alive between slices.
+  smaller file. Each use gets its own DequantizeLinear (integers stored once): no fp32 weight lives across slices.
 - Gather: GatherBlockQuantized gathers int8 rows and scales only those, so the fp32 table never exists at run time
   (a DequantizeLinear of the table would build all of it on every run). uint8 with its default zero point 128 holds
   q + 128 exactly; ``block_size`` is the row length rounded up to a power of two, i.e. one scale per row. Checked
@@ -261,7 +260,7 @@ def _replace_node(rw: _Rewrite, old: ir.Node, new: ir.Node) -> None:
 
 
 def _gemm_bias(rw: _Rewrite, node: ir.Node, n: int) -> ir.Value | None:
-    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None  # MatMul: none
     if bias is not None and (bias.shape is None or tuple(bias.shape) != (n,)):
         raise InternalError(f"{rw.chunk_id}: Gemm {node.name} has a bias of shape {bias.shape}, not [{n}]")
     return bias
@@ -289,8 +288,7 @@ def _rewrite_linear_int8(rw: _Rewrite, value: ir.Value, w_nk: np.ndarray, name: 
     """Each MatMul / Gemm using the weight → per output range [a, b): DequantizeLinear(int8 [b - a, K]) →
     FusedMatMul(x, ·, transB) or Gemm(x, ·, bias[a:b], transB), then Concat on the last axis (see the module
     docstring). The integers and scales are stored once; every use dequantizes its own copy."""
-    n, k = w_nk.shape
-    q, s = recover_grid(w_nk, QMAX["int8"], f"{rw.chunk_id}: {name}")
+    (n, k), (q, s) = w_nk.shape, recover_grid(w_nk, QMAX["int8"], f"{rw.chunk_id}: {name}")
     pieces = output_pieces(n, 4 * k)
     stored = [(rw.initializer(q[a:b], f"{name}.{i}.int8" if len(pieces) > 1 else f"{name}.int8"),
                rw.initializer(s[a:b], f"{name}.{i}.scale" if len(pieces) > 1 else f"{name}.scale"))
