@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 QMAX = {"int8": 127, "int4": 7}
 MS_DOMAIN = "com.microsoft"
-DEQUANTIZED_PIECE_BYTES = 16 * 2**20  # the most fp32 bytes of a Conv weight dequantized at once (see _split_conv)
+DEQUANTIZED_PIECE_BYTES = 16 * 2**20  # most fp32 bytes of a Conv or int8 Linear weight dequantized at once
 
 
 # ---- stored bytes: what each quantized weight costs in the file (the planner balances chunks by these) ----
