@@ -10,7 +10,7 @@ PROMPT ?= a lighthouse on a cliff at sunset, oil painting
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[export,bench,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[export,bench,dev,openvino]'
 	touch $@
 
 install: $(VENV)/.installed

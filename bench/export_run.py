@@ -24,7 +24,7 @@ def summarize(bundle: Path) -> dict[str, Any]:
     manifest = load_manifest(bundle)
     components = {}
     for cid, component in manifest.components.items():
-        chunks = [{"id": c.id, "disk_bytes": size_of(bundle / c.file.path) + sum(f.bytes for f in c.data_files),
+        chunks = [{"id": c.id, "disk_bytes": sum(size_of(bundle / f.path) for f in c.files),
                    "weight_bytes": c.weight_bytes, "psnr_db": c.parity.psnr_db if c.parity else None}
                   for c in component.chunks]
         components[cid] = {"chunks": chunks, "disk_bytes": sum(c["disk_bytes"] for c in chunks),

@@ -1,6 +1,7 @@
 """Time ``generate`` on a bundle: session load, text encoding, per UNet step, VAE decode, and peak memory.
 
-    python -m pocketsd.bench.generate_speed BUNDLE [--steps 10] [--threads 0] [--memory stream] [--json out.json]
+    python -m pocketsd.bench.generate_speed BUNDLE [--steps 10] [--threads 0] [--memory stream] \
+        [--engine openvino] [--json out.json]
 
 Run it once per bundle in a fresh process: peak RSS (``getrusage``) covers the whole process, so a second bundle in
 the same process would report the first one's peak. Step times exclude the first step (warm-up).
@@ -24,14 +25,15 @@ import numpy as np
 
 from pocketsd.bench.report import emit, peak_rss_bytes
 from pocketsd.runtime.execution import MEMORY_POLICIES
+from pocketsd.runtime.sessions import ENGINES
 
 
 def measure(bundle: Path, steps: int, threads: int | None, scheduler: str = "euler",
-            memory: str | None = None) -> dict[str, Any]:
+            memory: str | None = None, engine: str = "onnxruntime") -> dict[str, Any]:
     from pocketsd.runtime.pipeline import Pipeline
 
     t0 = time.perf_counter()
-    pipe = Pipeline.from_bundle(bundle, threads=threads, memory=memory)
+    pipe = Pipeline.from_bundle(bundle, threads=threads, memory=memory, engine=engine)
     if pipe.memory == "resident":
         for component in ("text_encoder", "unet", "vae_decoder"):
             pipe.runner(component)
@@ -63,7 +65,8 @@ def measure(bundle: Path, steps: int, threads: int | None, scheduler: str = "eul
         "bundle": str(bundle), "model": pipe.manifest.model.get("name"), "preset": pipe.manifest.target.get("preset"),
         "resolution": f"{d['height']}x{d['width']}", "unet_batch": d["unet_batch"],
         "unet_chunks": len(pipe.manifest.component("unet").chunks), "steps": steps, "scheduler": scheduler,
-        "threads": pipe.options.threads, "memory": pipe.memory, "load_s": round(load_s, 3), "load_s_covers": covers,
+        "threads": pipe.options.threads, "memory": pipe.memory, "engine": engine, "load_s": round(load_s, 3),
+        "load_s_covers": covers,
         "text_encode_s": round(encode_s, 4),
         "step_s_median": round(statistics.median(step_s), 4) if step_s else None,
         "step_s_mean": round(statistics.fmean(step_s), 4) if step_s else None,
@@ -80,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler", default="euler")
     parser.add_argument("--memory", choices=MEMORY_POLICIES,
                         help="when chunks are loaded (default: the bundle's preset, else resident)")
+    parser.add_argument("--engine", choices=ENGINES, default="onnxruntime", help="what runs the ONNX chunks")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    result = measure(args.bundle, args.steps, args.threads, args.scheduler, args.memory)
+    result = measure(args.bundle, args.steps, args.threads, args.scheduler, args.memory, args.engine)
     emit(result, args.json)
     return 0
 

@@ -48,7 +48,7 @@ def parse_run(text: str) -> Run:
 
 def component_disk_bytes(bundle: Path) -> dict[str, int]:
     manifest = load_manifest(bundle)
-    return {cid: sum(size_of(bundle / c.file.path) + sum(f.bytes for f in c.data_files) for c in comp.chunks)
+    return {cid: sum(sum(size_of(bundle / f.path) for f in c.files) for c in comp.chunks)
             for cid, comp in manifest.components.items()}
 
 

@@ -27,7 +27,7 @@ from pocketsd.export.model_loader import ModelFolder, load_module, open_model_fo
 from pocketsd.export.preset import Preset
 from pocketsd.export.read_back import read_back
 from pocketsd.export.write_component import write_component
-from pocketsd.runtime.manifest import Manifest
+from pocketsd.runtime.manifest import SCHEMA_VERSION, Manifest
 from pocketsd.staging import staged_folder
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def _export_into(folder: ModelFolder, source: str, request: ExportRequest, stagi
             bar.update()
     vae = folder.config("vae")
     return Manifest(
-        schema_version="1.0",
+        schema_version=SCHEMA_VERSION,
         model={"source": source, "pipeline": folder.model_index.get("_class_name"),
                "name": Path(source).name if source.startswith("/") else "tiny"},
         target={"preset": preset.name, "preset_source": preset.source, "backend": preset.backend,

@@ -1,16 +1,19 @@
-"""``writer::onnx``: each chunk as an .onnx file (external data only past protobuf's 2 GB limit)."""
+"""``writer::onnx``: each chunk as an .onnx graph and its weights file, plus the graph onnxruntime's optimizer makes
+of it (export/onnx_optimized.py), which the runtime opens instead when its onnxruntime version wrote it."""
 
 from __future__ import annotations
 
+import onnxruntime
 import torch
 
 from pocketsd.export import onnx_writer
 from pocketsd.export.bundle_files import file_ref
+from pocketsd.export.onnx_optimized import OPTIMIZED_LEVEL, write_optimized
 from pocketsd.export.slicing import ChunkModule
 from pocketsd.export.weight_quantization import store_chunk_quantized
 from pocketsd.export.write_component import WRITERS, ComponentJob, spec_of
-from pocketsd.runtime.manifest import Chunk
-from pocketsd.runtime.sessions import SessionOptions
+from pocketsd.runtime.manifest import Chunk, OptimizedGraph
+from pocketsd.runtime.sessions import ORT_ENGINE, SessionOptions
 
 
 class OnnxChunkWriter:
@@ -27,9 +30,12 @@ class OnnxChunkWriter:
             files, summary = store_chunk_quantized(files, cm.module, job.compressed, quantization, cm.plan.id)
             extra.update({"quantization": summary} if summary else {})
         refs = [file_ref(job.bundle_dir, f) for f in files]
+        optimized = [file_ref(job.bundle_dir, f) for f in write_optimized(files[0])]
         return Chunk(id=cm.plan.id, format=self.format, file=refs[0], data_files=tuple(refs[1:]),
                      weight_bytes=cm.plan.weight_bytes, inputs=tuple(spec_of(t) for t in cm.plan.inputs),
-                     outputs=tuple(spec_of(t) for t in cm.plan.outputs), modules=cm.plan.modules, extra=extra)
+                     outputs=tuple(spec_of(t) for t in cm.plan.outputs), modules=cm.plan.modules, extra=extra,
+                     optimized=OptimizedGraph(ORT_ENGINE, onnxruntime.__version__, OPTIMIZED_LEVEL, optimized[0],
+                                              tuple(optimized[1:])))
 
     def runnable(self) -> str | None:
         return None

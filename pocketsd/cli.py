@@ -78,7 +78,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.init_image is None and args.strength is not None:
         raise UserError("--strength needs --init-image", "add --init-image PNG, or drop --strength", code="generate")
     pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, compute_units=args.compute_units,
-                                memory=_memory(args))
+                                memory=_memory(args), engine=args.engine)
     init = load_image(args.init_image) if args.init_image else None
     if init is not None:  # fail on a wrong size now, not after the prompt is encoded
         image_to_array(init, pipe.manifest.dims["height"], pipe.manifest.dims["width"])
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-image", help="img2img: start from this image (must be the bundle's size)")
     p.add_argument("--strength", type=float, help="img2img: how much to change the init image, 0..1 (default 0.8)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: the preset's; 0 = all cores)")
+    p.add_argument("--engine", default="onnxruntime", metavar="{onnxruntime,openvino}",
+                   help="what runs the ONNX chunks (openvino: pip install 'pocketsd[openvino]')")
     p.add_argument("--compute-units", choices=("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"),
                    help="CoreML bundles on macOS: where to run")
     p.add_argument("--memory", metavar="{resident,stream,prefetch}",

@@ -38,7 +38,7 @@ class ComponentRunner:
     def open(cls, bundle_dir: Path, component: Component, options: SessionOptions,
              memory: str = "resident") -> "ComponentRunner":
         """A runner with its own policy. A pipeline shares one policy across its components instead."""
-        return cls(component, make_policy(memory, chunk_opener(bundle_dir, options)))
+        return cls(component, make_policy(memory, chunk_opener(bundle_dir, options), options.low_memory))
 
     def _last_uses(self) -> list[list[str]]:
         """For each chunk, the sources no later chunk or component output reads."""

@@ -12,7 +12,8 @@ from pocketsd.runtime.manifest import Chunk, Manifest
 def _chunk_row(chunk: Chunk) -> dict[str, Any]:
     return {
         "id": chunk.id, "file": chunk.file.path, "format": chunk.format, "sha256": chunk.file.sha256,
-        "bytes": chunk.file.bytes + sum(f.bytes for f in chunk.data_files), "weight_bytes": chunk.weight_bytes,
+        "bytes": sum(f.bytes for f in chunk.files), "weight_bytes": chunk.weight_bytes,
+        "optimized_for": f"{chunk.optimized.engine} {chunk.optimized.version}" if chunk.optimized else None,
         "psnr_db": chunk.parity.psnr_db if chunk.parity else None,
         "max_abs": chunk.parity.max_abs if chunk.parity else None,
         "modules": list(chunk.modules),
@@ -87,6 +88,9 @@ def _run_line(info: dict[str, Any]) -> str:
              + (", whole-image GroupNorm statistics (2 passes)" if tiling.get("group_norm") == "image" else "")
              + (f", decoder's mid block whole ({tiling['head']})" if tiling.get("head") else "")
              if tiling else "VAE untiled"]
+    optimized = sorted({ch["optimized_for"] for c in info["components"] for ch in c["chunks"] if ch["optimized_for"]})
+    if optimized:
+        parts.append(f"graphs optimized at export for {', '.join(optimized)}")
     return "run      " + ", ".join(parts)
 
 

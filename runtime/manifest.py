@@ -44,7 +44,7 @@ from typing import Any
 from pocketsd.errors import BundleError
 
 FORMAT = "pocketsd-bundle"
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: chunks may carry an optimized graph (ignored by 1.0 readers)
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "int64", "int32", "bool")  # bool: e.g. a causal mask crossing a text-encoder cut
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "bool": 1}
@@ -87,6 +87,21 @@ class Parity:
 
 
 @dataclass(frozen=True)
+class OptimizedGraph:
+    """An ONNX chunk's graph as an engine's optimizer left it, stored at export so that opening skips that work.
+
+    Only ``engine`` at exactly ``version`` may use it (it holds that engine's own operators); any other reads the
+    chunk's ``file``. Its tensors live in the chunk's ``data_files``, except those the optimizer made: ``data_files``
+    here (export/onnx_optimized.py)."""
+
+    engine: str
+    version: str
+    level: str
+    file: FileRef
+    data_files: tuple[FileRef, ...] = ()
+
+
+@dataclass(frozen=True)
 class Chunk:
     id: str
     format: str
@@ -98,6 +113,13 @@ class Chunk:
     data_files: tuple[FileRef, ...] = ()
     parity: Parity | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    optimized: OptimizedGraph | None = None
+
+    @property
+    def files(self) -> tuple[FileRef, ...]:
+        """Every file of the chunk: its graph, its data, and its optimized graph's files."""
+        optimized = () if self.optimized is None else (self.optimized.file, *self.optimized.data_files)
+        return (self.file, *self.data_files, *optimized)
 
 
 @dataclass(frozen=True)
@@ -144,8 +166,7 @@ class Manifest:
             files.append(self.plan)
         for component in self.components.values():
             for chunk in component.chunks:
-                files.append(chunk.file)
-                files.extend(chunk.data_files)
+                files.extend(chunk.files)
         return files
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +195,13 @@ def _parity(d: dict[str, Any] | None) -> Parity | None:
     return None if d is None else Parity(**d)
 
 
+def _optimized(d: dict[str, Any] | None) -> OptimizedGraph | None:
+    if d is None:
+        return None
+    return OptimizedGraph(engine=str(d["engine"]), version=str(d["version"]), level=str(d["level"]),
+                          file=_file(d["file"]), data_files=tuple(_file(f) for f in d.get("data_files", ())))
+
+
 def _chunk(d: dict[str, Any]) -> Chunk:
     return Chunk(
         id=d["id"],
@@ -186,6 +214,7 @@ def _chunk(d: dict[str, Any]) -> Chunk:
         data_files=tuple(_file(f) for f in d.get("data_files", ())),
         parity=_parity(d.get("parity")),
         extra=dict(d.get("extra", {})),
+        optimized=_optimized(d.get("optimized")),
     )
 
 

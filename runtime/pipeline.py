@@ -1,4 +1,4 @@
-"""txt2img and img2img over a bundle, in the diffusers style, with numpy + onnxruntime only.
+"""txt2img and img2img over a bundle, in the diffusers style, with numpy + onnxruntime (or OpenVINO) only.
 
     pipe = Pipeline.from_bundle("sd15-cpu")
     image = pipe("a lighthouse at dusk", num_inference_steps=20, seed=1)
@@ -26,7 +26,7 @@ from pocketsd.runtime.hashing import sha256_once
 from pocketsd.runtime.images import image_to_array, to_pil
 from pocketsd.runtime.manifest import Manifest, load_manifest
 from pocketsd.runtime.schedulers import NoiseSource, SchedulerConfig, make_scheduler
-from pocketsd.runtime.sessions import SessionOptions, verify_chunk
+from pocketsd.runtime.sessions import SessionOptions, check_engine, verify_chunk
 from pocketsd.runtime.tiling import TileIO, call_tiled, decoder_head
 from pocketsd.runtime.tokenizer import ClipTokenizer
 
@@ -46,19 +46,22 @@ class Pipeline:
         """``memory``: when chunk sessions are opened and released (runtime/execution.py): resident (all kept),
         stream (one alive at a time) or prefetch (stream, with the next chunk opened in the background)."""
         check_streamable(manifest, check_memory(memory))  # before any work
+        check_engine(options.engine, (c.format for comp in manifest.components.values() for c in comp.chunks))
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.memory = memory
         self.decoder_head = decoder_head(manifest)  # checked at load, not after the last denoising step
         self.options = replace(options, transient=memory != "resident")
-        self.policy = make_policy(memory, chunk_opener(self.bundle_dir, self.options))
+        self.policy = make_policy(memory, chunk_opener(self.bundle_dir, self.options), self.options.low_memory)
         self._runners: dict[str, ComponentRunner] = {}
         self.tokenizer = self._open_tokenizer()
 
     @classmethod
     def from_bundle(cls, path: str | Path, *, threads: int | None = None, low_memory: bool | None = None,
-                    compute_units: str | None = None, memory: str | None = None) -> "Pipeline":
-        """``memory`` defaults to the bundle's preset (``runtime.memory``), else resident."""
+                    compute_units: str | None = None, memory: str | None = None,
+                    engine: str = "onnxruntime") -> "Pipeline":
+        """``memory`` defaults to the bundle's preset (``runtime.memory``), else resident. ``engine`` runs the ONNX
+        chunks: onnxruntime, or openvino (the ``[openvino]`` extra)."""
         manifest = load_manifest(path)
         config = manifest.target.get("config", {})
         runtime = config.get("runtime", {})
@@ -66,6 +69,7 @@ class Pipeline:
             threads=int(runtime.get("threads", 0) if threads is None else threads),
             low_memory=bool(runtime.get("low_memory", False) if low_memory is None else low_memory),
             compute_units=compute_units or str(config.get("coreml", {}).get("compute_units", "all")),
+            engine=engine,
         )
         if memory is None:
             memory = check_memory(str(runtime.get("memory", "resident")), BundleError)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
@@ -27,9 +28,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SessionOptions:
     threads: int = 0  # 0: the backend's default (all cores)
-    low_memory: bool = False  # onnxruntime: no memory arena / pattern planning (slower, smaller peak)
+    low_memory: bool = False  # onnxruntime: no per-session arena nor pattern planning (onnx_session_options)
     compute_units: str = "all"  # CoreML: all | cpu_only | cpu_and_gpu | cpu_and_ne
     verify_hashes: bool = True
+    engine: str = "onnxruntime"  # what runs ONNX chunks: onnxruntime | openvino (ENGINES)
     # Opened for one use and released (memory policies stream/prefetch): nothing that only pays off over many runs,
     # i.e. no memory-pattern planning, no weight prepacking (a packed copy of every MatMul weight), and a memory
     # arena only where it lives and dies with the session (``onnx_session_options``).
@@ -44,7 +46,7 @@ class ChunkSession(Protocol):
 class Backend:
     """How chunks of one manifest format are opened, and whether they can be opened and released per use."""
 
-    open: Callable[[Path, Chunk, SessionOptions], ChunkSession]
+    open: Callable[[Path, Chunk, SessionOptions], ChunkSession]  # (bundle folder, chunk, options)
     streams: bool
     why_no_stream: str = ""  # where ``streams`` is false: why, for the error message
 
@@ -71,7 +73,31 @@ def onnx_session_options(options: SessionOptions, chunk: Chunk | None = None) ->
             so.enable_cpu_mem_arena = True
     elif options.low_memory and _largest_activation_within(chunk, RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES):
         so.enable_mem_reuse = False
+        so.enable_cpu_mem_arena = True
+        so.add_session_config_entry("session.use_env_allocators", "1")
+        _register_shared_arena()
     return so
+
+
+_SHARED_ARENA = threading.Lock()
+_shared_arena_registered = False
+
+
+def _register_shared_arena() -> None:
+    """One onnxruntime memory arena for the whole process, which resident low-memory sessions share (see
+    RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES). It grows by what is asked (no doubling) and is never returned: it holds
+    the most that one chunk ever needed, not each chunk's own peak."""
+    global _shared_arena_registered
+    import onnxruntime as ort
+
+    with _SHARED_ARENA:
+        if _shared_arena_registered:
+            return
+        config = ort.OrtArenaCfg({"max_mem": 0, "arena_extend_strategy": 1, "initial_chunk_size_bytes": 1 << 20,
+                                  "max_dead_bytes_per_chunk": -1, "initial_growth_chunk_size_bytes": 1 << 20})
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, config)
+        _shared_arena_registered = True
 
 
 class OnnxSession:
@@ -104,10 +130,14 @@ class OnnxSession:
 #   decoder tile (36 MiB tensors) +175 MB with the plan, +270 MB with the arena.
 # The exporter records each chunk's largest tensor; up to this size the arena is used.
 ARENA_MAX_ACTIVATION_BYTES = 16 * 2**20
-# Resident sessions under ``low_memory`` (no arena) drop the reuse plan too where tensors are at most this large:
-# SD 1.5 cpu-int8 at 512² (batch-2 UNet chunks of 5-30 MiB tensors), 20 steps: 1,633 MB peak with the plan, 1,579 MB
-# without it (the UNet part alone: 1,573 → 1,409 MB at 4 steps), at no cost in time. The VAE decoder tile (64 MiB
-# tensors at tile 32) keeps its plan: without it the decode peaked higher (1,603 MB).
+# Resident sessions under ``low_memory`` where tensors are at most this large drop the reuse plan and share one
+# process-wide arena (``_register_shared_arena``); larger ones keep the plan and get no arena. Measured on SD 1.5
+# cpu-int8 at 512² (batch-2 UNet chunks of 5-30 MiB tensors, VAE tiles of 31 MiB), 2 steps, three runs each:
+# - no arena, plan on: 1,633 MB at 20 steps (each resident session's plan keeps its own buffers);
+# - no arena, no plan: every tensor from malloc, and glibc's heap fragments unpredictably: 1,413-1,595 MB between
+#   runs of the same bundle (1,750 MB once at 20 steps);
+# - one shared arena, no plan: 1,261 MB through the UNet and 1,444 MB with the decode, the same in every run, with
+#   an eighth of the page faults and no loss of time. The VAE tile at tile 32 (64 MiB tensors) keeps its plan.
 RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES = 32 * 2**20
 
 
@@ -116,14 +146,53 @@ def _largest_activation_within(chunk: Chunk | None, limit: int) -> bool:
     return isinstance(largest, int) and 0 < largest <= limit
 
 
-def _onnx_open(path: Path, chunk: Chunk, options: SessionOptions) -> ChunkSession:
-    return OnnxSession(path, options, chunk)
+ORT_ENGINE = "onnxruntime"
+ENGINES = (ORT_ENGINE, "openvino")  # engines for ONNX chunks; CoreML chunks run on CoreML
 
 
-def _coreml_open(path: Path, chunk: Chunk, options: SessionOptions) -> ChunkSession:
+def check_engine(name: str, formats: Iterable[str] = ()) -> str:
+    """Refuse, before any work, an unknown or uninstalled engine, or another engine than onnxruntime for a bundle
+    with chunks of other ``formats`` than onnx (CoreML chunks run on CoreML)."""
+    if name not in ENGINES:
+        raise BundleError(f"unknown engine {name!r}", f"choose one of: {', '.join(ENGINES)}", code="engine")
+    if name == ORT_ENGINE:
+        return name
+    other = sorted(set(formats) - {"onnx"})
+    if other:
+        raise BundleError(f"engine {name!r} runs ONNX chunks, and this bundle has {', '.join(other)} chunks",
+                          "run it without --engine, or export the model with an onnx preset", code="engine")
+    from pocketsd.runtime.openvino_session import load_openvino
+
+    load_openvino()  # a missing package is named here, not at the first chunk
+    return name
+
+
+def onnx_graph(bundle_dir: Path, chunk: Chunk) -> Path:
+    """The graph onnxruntime opens: the chunk's optimized graph if this onnxruntime version wrote it, else the chunk's
+    own (which onnxruntime then optimizes at load, as for any model)."""
+    import onnxruntime as ort
+
+    optimized = chunk.optimized
+    if optimized is not None and optimized.engine == ORT_ENGINE and optimized.version == ort.__version__:
+        return bundle_dir / optimized.file.path
+    if optimized is not None:
+        log.debug("%s: optimized graph is for %s %s, this is %s: optimizing at load", chunk.id, optimized.engine,
+                  optimized.version, ort.__version__)
+    return bundle_dir / chunk.file.path
+
+
+def _onnx_open(bundle_dir: Path, chunk: Chunk, options: SessionOptions) -> ChunkSession:
+    if options.engine == "openvino":
+        from pocketsd.runtime.openvino_session import OpenVinoSession
+
+        return OpenVinoSession(bundle_dir / chunk.file.path, chunk, options.threads)
+    return OnnxSession(onnx_graph(bundle_dir, chunk), options, chunk)
+
+
+def _coreml_open(bundle_dir: Path, chunk: Chunk, options: SessionOptions) -> ChunkSession:
     from pocketsd.runtime.coreml_session import CoreMLSession  # usable on macOS only; a clear error elsewhere
 
-    return CoreMLSession(path, chunk, options.compute_units)
+    return CoreMLSession(bundle_dir / chunk.file.path, chunk, options.compute_units)
 
 
 BACKENDS.register("onnx")(Backend(_onnx_open, streams=True))
@@ -134,7 +203,7 @@ BACKENDS.register("mlpackage")(Backend(_coreml_open, streams=sys.platform == "da
 
 def verify_chunk(bundle_dir: Path, chunk: Chunk) -> None:
     """Check a chunk's files against the manifest's sha256; each file is hashed once per process while unchanged."""
-    for ref in (chunk.file, *chunk.data_files):
+    for ref in chunk.files:
         path = bundle_dir / ref.path
         if not path.exists():
             raise BundleError(f"{path} is missing (chunk {chunk.id})", "re-export or re-copy the bundle")
@@ -148,4 +217,4 @@ def open_chunk(bundle_dir: Path, chunk: Chunk, options: SessionOptions) -> Chunk
     if options.verify_hashes:
         verify_chunk(bundle_dir, chunk)
     log.debug("opening %s (%s)", chunk.id, chunk.file.path)
-    return BACKENDS.get(chunk.format).open(bundle_dir / chunk.file.path, chunk, options)
+    return BACKENDS.get(chunk.format).open(bundle_dir, chunk, options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -18,6 +19,14 @@ def test_generate_speed_writes_its_figures(tiny_bundle: Path, tmp_path: Path, ca
     assert main([str(tiny_bundle), "--steps", "3", "--json", str(out), *(["--memory", memory] if memory else [])]) == 0
     result = json.loads(out.read_text())
     assert result["unet_chunks"] == 4 and result["resolution"] == "128x128"
-    assert result["memory"] == (memory or "resident") and result["load_s_covers"]
+    assert result["memory"] == (memory or "resident") and result["load_s_covers"] and result["engine"] == "onnxruntime"
     for key in ("load_s", "text_encode_s", "step_s_median", "vae_decode_s", "peak_rss_mb"):
         assert result[key] > 0, key
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed")
+def test_generate_speed_runs_the_openvino_engine(tiny_bundle: Path, tmp_path: Path):
+    out = tmp_path / "speed.json"
+    assert main([str(tiny_bundle), "--steps", "2", "--engine", "openvino", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["engine"] == "openvino" and result["step_s_median"] > 0

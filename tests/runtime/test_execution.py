@@ -19,7 +19,7 @@ import pytest
 
 from pocketsd.cli import main
 from pocketsd.errors import BundleError, GenerateError
-from pocketsd.runtime import hashing
+from pocketsd.runtime import execution, hashing
 from pocketsd.runtime.chain import ComponentRunner
 from pocketsd.runtime.manifest import Chunk, FileRef, load_manifest
 from pocketsd.runtime.pipeline import Pipeline
@@ -126,6 +126,17 @@ def test_resident_opens_every_chunk_once(tiny_bundle: Path, census: Census):
     generate(pipe, steps=3)
     generate(pipe, steps=2)
     assert sorted(census.opened) == sorted(set(census.opened)) and census.alive == len(census.opened)
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_resident_trims_the_c_heap_after_each_run_only_without_an_arena(tiny_bundle: Path, monkeypatch,
+                                                                        low_memory: bool):
+    trims: list[int] = []
+    monkeypatch.setattr(execution, "_heap_trimmer", lambda: lambda: trims.append(1))
+    pipe = Pipeline.from_bundle(tiny_bundle, low_memory=low_memory)
+    generate(pipe, steps=2)
+    runs = 2 + 2 * len(pipe.manifest.component("unet").chunks) + 1  # two prompts, 2 steps, one decode
+    assert len(trims) == (runs if low_memory else 0)
 
 
 @pytest.mark.parametrize("memory", ["stream", "prefetch"])
@@ -271,25 +282,35 @@ def _with_largest(value: object) -> Chunk:
     return Chunk("c", "onnx", FileRef("c.onnx", "0" * 64, 1), 0, (), (), (), extra=extra)
 
 
-def _memory_settings(options: SessionOptions, largest: object) -> tuple[bool, bool, bool]:
+def _memory_settings(options: SessionOptions, largest: object) -> tuple[bool, bool, bool, bool]:
     so = onnx_session_options(options, _with_largest(largest))
-    return so.enable_cpu_mem_arena, so.enable_mem_reuse, so.enable_mem_pattern
+    try:
+        shared = so.get_session_config_entry("session.use_env_allocators") == "1"
+    except RuntimeError:  # never set
+        shared = False
+    return so.enable_cpu_mem_arena, so.enable_mem_reuse, so.enable_mem_pattern, shared
 
 
 def test_the_arena_is_used_only_where_tensors_are_small():
-    """Transient sessions: arena without the reuse plan up to ARENA_MAX_ACTIVATION_BYTES, else the plan without an
-    arena; resident low-memory sessions drop the plan up to their own limit and never get an arena; a chunk that
-    records no (or a malformed) size keeps onnxruntime's plan."""
+    """Transient sessions: their own arena without the reuse plan up to ARENA_MAX_ACTIVATION_BYTES, else the plan
+    without an arena; resident low-memory sessions: the process's shared arena without the plan up to their own
+    limit, else the plan without an arena; a chunk that records no (or a malformed) size keeps onnxruntime's plan."""
     transient, low, default = SessionOptions(transient=True), SessionOptions(low_memory=True), SessionOptions()
-    assert _memory_settings(transient, 1) == (True, False, False)
-    assert _memory_settings(transient, ARENA_MAX_ACTIVATION_BYTES) == (True, False, False)
+    assert _memory_settings(transient, 1) == (True, False, False, False)
+    assert _memory_settings(transient, ARENA_MAX_ACTIVATION_BYTES) == (True, False, False, False)
     for unknown in (ARENA_MAX_ACTIVATION_BYTES + 1, None, "big", 0):
-        assert _memory_settings(transient, unknown) == (False, True, False)
-    assert _memory_settings(low, RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES) == (False, False, False)
+        assert _memory_settings(transient, unknown) == (False, True, False, False)
+    assert _memory_settings(low, RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES) == (True, False, False, True)
     for unknown in (RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES + 1, None, "big"):
-        assert _memory_settings(low, unknown) == (False, True, False)
-    assert _memory_settings(default, 1) == (True, True, True)  # resident, not low-memory: onnxruntime's defaults
+        assert _memory_settings(low, unknown) == (False, True, False, False)
+    assert _memory_settings(default, 1) == (True, True, True, False)  # resident, not low-memory: the defaults
     assert onnx_session_options(transient, None).enable_mem_reuse
+
+
+def test_resident_low_memory_sessions_share_one_arena_and_give_the_same_picture(tiny_bundle: Path):
+    """The tiny chunks are all small: every resident low-memory session uses the shared arena."""
+    shared = generate(Pipeline.from_bundle(tiny_bundle, low_memory=True))
+    assert np.array_equal(shared, generate(Pipeline.from_bundle(tiny_bundle)))
 
 
 def test_streamed_sessions_hand_out_arrays_of_their_own(tiny_bundle: Path):

@@ -1,0 +1,53 @@
+"""A chunk session on OpenVINO: the second engine for a bundle's ONNX chunks (``--engine openvino``).
+
+OpenVINO reads the chunk's own .onnx graph (never the onnxruntime-optimized one, which holds onnxruntime's operators)
+and compiles it for the CPU. Imported only when this engine is chosen: ``openvino`` is an optional extra
+(``pip install 'pocketsd[openvino]'``).
+
+Compile settings, each chosen so that the engine computes what onnxruntime computes:
+- ``INFERENCE_PRECISION_HINT: f32``: on CPUs with bf16 units OpenVINO would otherwise run fp32 models in bf16;
+- ``DYNAMIC_QUANTIZATION_GROUP_SIZE: 0``: for int8 weights OpenVINO would otherwise quantize the activations too
+  (measured on the tiny int8 bundle: max abs 0.02 from onnxruntime with it, 2e-6 without);
+- ``PERFORMANCE_HINT: LATENCY``: one request at a time, all threads on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pocketsd.errors import BundleError
+from pocketsd.runtime.manifest import Chunk
+
+
+def load_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise BundleError("engine 'openvino' needs the openvino package, which is not installed",
+                          "pip install 'pocketsd[openvino]', or run with --engine onnxruntime",
+                          code="engine") from None
+    return openvino
+
+
+class OpenVinoSession:
+    def __init__(self, path: Path, chunk: Chunk, threads: int = 0) -> None:
+        ov = load_openvino()
+        config = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
+                  "PERFORMANCE_HINT": "LATENCY"}
+        if threads > 0:
+            config["INFERENCE_NUM_THREADS"] = threads
+        try:
+            self._compiled = ov.Core().compile_model(str(path), "CPU", config)
+        except RuntimeError as exc:  # an operator its ONNX reader cannot convert, e.g. int4 DequantizeLinear
+            failed = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("--")]
+            raise BundleError(f"OpenVINO cannot compile chunk {chunk.id}: {' '.join(failed) or str(exc)[:300]}",
+                              "run this bundle with --engine onnxruntime", code="engine") from None
+        self._outputs = [(t.name, self._compiled.output(t.name)) for t in chunk.outputs]
+        self._request = self._compiled.create_infer_request()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # share_outputs=False: copies, as the request's own output tensors are overwritten by its next run
+        results = self._request.infer(feeds, share_outputs=False)
+        return {name: results[port] for name, port in self._outputs}

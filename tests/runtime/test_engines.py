@@ -1,0 +1,82 @@
+"""A second engine for ONNX chunks: OpenVINO gives onnxruntime's pictures; a bad engine request is one clear line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pocketsd.cli import main
+from pocketsd.errors import BundleError
+from pocketsd.runtime.manifest import MANIFEST_NAME
+from pocketsd.runtime.pipeline import Pipeline
+
+pytestmark = pytest.mark.export  # the tiny bundle is made by the exporter
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                    reason="openvino is not installed (the [openvino] extra; `make install` has it)")
+
+
+def generate(bundle: Path, **kwargs) -> np.ndarray:
+    pipe = Pipeline.from_bundle(bundle, **kwargs)
+    return pipe("a cat", negative_prompt="fog", num_inference_steps=3, seed=1, output_type="np")
+
+
+@needs_openvino
+@pytest.mark.parametrize("memory", ["resident", "stream"])
+def test_openvino_gives_onnxruntimes_picture(tiny_bundle: Path, memory: str, monkeypatch):
+    """Each chunk agrees with onnxruntime to ~1e-5 (fp32, same graph); 3 steps and a decode: ≤ 1e-3 on [0, 1]."""
+    from pocketsd.runtime import openvino_session
+
+    compiled: list[str] = []
+    real = openvino_session.OpenVinoSession.__init__
+
+    def counted(self, path, chunk, threads=0):
+        compiled.append(chunk.id)
+        real(self, path, chunk, threads)
+
+    monkeypatch.setattr(openvino_session.OpenVinoSession, "__init__", counted)
+    want = generate(tiny_bundle, memory=memory)
+    assert not compiled
+    got = generate(tiny_bundle, memory=memory, engine="openvino")
+    assert "unet.03" in compiled and "vae_decoder.00" in compiled
+    assert np.abs(got - want).max() <= 1e-3
+
+
+def cli(capsys, bundle: Path, out: Path, *extra: str) -> tuple[int, str]:
+    code = main(["generate", str(bundle), "--prompt", "a cat", "--steps", "2", "--out", str(out), "--quiet", *extra])
+    return code, capsys.readouterr().err.strip()
+
+
+@needs_openvino
+def test_cli_engine_openvino_writes_the_png(tiny_bundle: Path, tmp_path: Path, capsys):
+    code, err = cli(capsys, tiny_bundle, tmp_path / "ov.png", "--engine", "openvino", "--seed", "1")
+    assert code == 0 and (tmp_path / "ov.png").stat().st_size > 0, err
+
+
+def test_an_unknown_engine_is_one_line(tiny_bundle: Path, tmp_path: Path, capsys):
+    code, err = cli(capsys, tiny_bundle, tmp_path / "x.png", "--engine", "tensorrt")
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "unknown engine 'tensorrt'" in err and "onnxruntime, openvino" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_missing_engine_package_is_one_line(tiny_bundle: Path, tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    code, err = cli(capsys, tiny_bundle, tmp_path / "x.png", "--engine", "openvino")
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "needs the openvino package" in err and "pocketsd[openvino]" in err
+
+
+def test_another_engine_for_coreml_chunks_is_refused(tiny_bundle: Path, tmp_path: Path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
+    manifest["components"]["unet"]["chunks"][0]["format"] = "mlpackage"
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="engine 'openvino' runs ONNX chunks, and this bundle has mlpackage chunks"):
+        Pipeline.from_bundle(copy, engine="openvino")
