@@ -29,6 +29,7 @@ from pocketsd.runtime.sessions import (
     RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES,
     Backend,
     SessionOptions,
+    _uses_shared_arena,
     onnx_session_options,
     open_chunk,
 )
@@ -284,10 +285,7 @@ def _with_largest(value: object) -> Chunk:
 
 def _memory_settings(options: SessionOptions, largest: object) -> tuple[bool, bool, bool, bool]:
     so = onnx_session_options(options, _with_largest(largest))
-    try:
-        shared = so.get_session_config_entry("session.use_env_allocators") == "1"
-    except RuntimeError:  # never set
-        shared = False
+    shared = _uses_shared_arena(so)
     return so.enable_cpu_mem_arena, so.enable_mem_reuse, so.enable_mem_pattern, shared
 
 
@@ -308,7 +306,12 @@ def test_the_arena_is_used_only_where_tensors_are_small():
 
 
 def test_resident_low_memory_sessions_share_one_arena_and_give_the_same_picture(tiny_bundle: Path):
-    """The tiny chunks are all small: every resident low-memory session uses the shared arena."""
+    """The tiny chunks are all small: every resident low-memory session uses the shared arena, and shrinks it after
+    each run; other sessions run with onnxruntime's default run options."""
+    chunk = load_manifest(tiny_bundle).component("unet").chunks[0]
+    shared = open_chunk(tiny_bundle, chunk, SessionOptions(low_memory=True))._run_options
+    assert shared.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    assert open_chunk(tiny_bundle, chunk, SessionOptions())._run_options is None
     shared = generate(Pipeline.from_bundle(tiny_bundle, low_memory=True))
     assert np.array_equal(shared, generate(Pipeline.from_bundle(tiny_bundle)))
 
