@@ -13,7 +13,9 @@ Compile settings, each chosen so that the engine computes what onnxruntime compu
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +23,13 @@ from pocketsd.errors import BundleError
 from pocketsd.runtime.manifest import Chunk
 
 
-def load_openvino():
+@functools.cache
+def _core() -> Any:
+    """One OpenVINO Core per process: chunks opened per use (stream, prefetch) share it."""
+    return load_openvino().Core()
+
+
+def load_openvino() -> Any:
     try:
         import openvino
     except ImportError:
@@ -33,13 +41,12 @@ def load_openvino():
 
 class OpenVinoSession:
     def __init__(self, path: Path, chunk: Chunk, threads: int = 0) -> None:
-        ov = load_openvino()
         config = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
                   "PERFORMANCE_HINT": "LATENCY"}
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
         try:
-            self._compiled = ov.Core().compile_model(str(path), "CPU", config)
+            self._compiled = _core().compile_model(str(path), "CPU", config)
         except RuntimeError as exc:  # an operator its ONNX reader cannot convert, e.g. int4 DequantizeLinear
             failed = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("--")]
             raise BundleError(f"OpenVINO cannot compile chunk {chunk.id}: {' '.join(failed) or str(exc)[:300]}",
