@@ -368,3 +368,12 @@ def test_optimized_graphs_dequantize_weights_first_as_the_exported_graph_does(in
             constants = {i.name for i in model.graph.initializer}
             weight_only = [all(not i or i in constants for i in n.input) for n in model.graph.node]
             assert any(weight_only) and weight_only == sorted(weight_only, reverse=True), chunk.id
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed")
+def test_openvino_runs_int8_bundles_as_onnxruntime_does(int8_bundle: Path):
+    """Activation quantization off (openvino_session.py): int8 weights, fp32 math, as onnxruntime; ≤ 1e-3 on 0-1."""
+    images = [Pipeline.from_bundle(int8_bundle, engine=engine)("a cat", num_inference_steps=2, seed=1,
+                                                               output_type="np")
+              for engine in ("onnxruntime", "openvino")]
+    assert np.abs(images[0] - images[1]).max() <= 1e-3
