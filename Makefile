@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 POCKETSD := $(VENV)/bin/pocketsd
 PROMPT ?= a lighthouse on a cliff at sunset, oil painting
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean bench bench-env-optimum
 
 # torch is pinned exactly and installed first: an unpinned torch pulls gigabytes of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -14,6 +14,18 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# optimum's own environment for `pocketsd bench` (bench/optimum_worker.py), apart from .venv: optimum-onnx 0.1.0 wants
+# transformers<4.58, hence huggingface-hub<1.0, hence diffusers<=0.39. torch is pinned and installed first, as above.
+OPTIMUM_VENV := .venv-optimum
+$(OPTIMUM_VENV)/.installed:
+	python3 -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(OPTIMUM_VENV)/bin/python -m pip install -q --disable-pip-version-check 'optimum-onnx[onnxruntime]==0.1.0' \
+		optimum==2.1.0 onnxruntime==1.32.0 diffusers==0.39.0 transformers==4.57.6 huggingface-hub==0.36.2
+	touch $@
+
+bench-env-optimum: $(OPTIMUM_VENV)/.installed
 
 demo: install
 	rm -rf demo
@@ -25,6 +37,15 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check pocketsd export runtime apple bench tests
 	$(PY) -m pytest -q
+
+# pocketsd against its peers on the full SD 1.5 architecture (random weights: speed, memory and size are real),
+# 256² and 512²; about an hour on 2 cores, ~20 GB of bundles under results/bench/work. BENCH_MODEL=your/folder to
+# use your own model. optimum runs from its own venv (.venv-optimum, made here first: its pins clash with ours).
+BENCH_MODEL ?= results/bench/sd15
+BENCH_ARGS ?=
+bench: install bench-env-optimum
+	test -f $(BENCH_MODEL)/model_index.json || $(POCKETSD) random-model $(BENCH_MODEL) --arch sd15
+	$(POCKETSD) bench --model $(BENCH_MODEL) --out results/bench $(BENCH_ARGS)
 
 clean:
 	rm -rf demo $(VENV) *.egg-info

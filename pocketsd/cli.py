@@ -111,6 +111,44 @@ def cmd_apple_resources(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size_arg(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size in pixels such as 512, got {text!r}")
+    return int(text)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from pocketsd.bench.bench_output import write_results
+    from pocketsd.bench.contenders import by_names, optimum_python
+    from pocketsd.bench.side_by_side import BenchRequest, run_bench, ticks_expected
+
+    if args.model != "tiny" and not Path(args.model, "model_index.json").is_file():
+        raise UserError(f"--model {args.model}: not a diffusers model folder (no model_index.json)",
+                        "give a diffusers folder (see `pocketsd random-model`) or 'tiny'", code="bench")
+    if args.calls < 1 or args.steps < 0 or args.warmup < 0:
+        raise UserError("--calls must be ≥ 1 and --steps, --warmup ≥ 0", "see pocketsd bench --help", code="bench")
+    request = BenchRequest(model=args.model, contenders=tuple(by_names(args.contender)), work=Path(args.work),
+                           resolutions=tuple(args.resolution or (256, 512)), preset=args.preset, calls=args.calls,
+                           warmup=args.warmup, steps=args.steps, threads=args.threads,
+                           reuse_bundles=args.reuse_bundles, optimum_python=optimum_python(args.optimum_python))
+    with tqdm(total=ticks_expected(request), desc="bench", unit="step", disable=args.quiet) as bar:
+        def tick(what: str) -> None:
+            bar.set_postfix_str(what)
+            bar.update()
+
+        result = run_bench(request, tick)
+    write_results(result, Path(args.out), "pocketsd " + " ".join(sys.argv[1:]))
+    print((Path(args.out) / "result.md").read_text())
+    failed = [r["contender"] for s in result["resolutions"] for r in s["rows"] if r.get("error")]
+    print(f"wrote {args.out}/result.json, result.md and chart.png" + (f"; failed: {', '.join(failed)}" if failed
+                                                                       else ""))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pocketsd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
@@ -145,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-image", help="img2img: start from this image (must be the bundle's size)")
     p.add_argument("--strength", type=float, help="img2img: how much to change the init image, 0..1 (default 0.8)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: the preset's; 0 = all cores)")
-    p.add_argument("--engine", default="onnxruntime", metavar="{onnxruntime,openvino}",
-                   help="what runs the ONNX chunks (openvino: pip install 'pocketsd[openvino]')")
+    p.add_argument("--engine", default="onnxruntime", metavar="{onnxruntime,openvino,openvino-bf16}",
+                   help="what runs the ONNX chunks (openvino: pip install 'pocketsd[openvino]'; openvino-bf16: "
+                        "OpenVINO computing in bfloat16 on CPUs with bf16 units, ~2x faster, not bit-faithful)")
     p.add_argument("--compute-units", choices=("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"),
                    help="CoreML bundles on macOS: where to run")
     p.add_argument("--memory", metavar="{resident,stream,prefetch}",
@@ -163,6 +202,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Resources folder to create")
     p.add_argument("--no-compile", action="store_true", help="leave .mlpackage files (no .mlmodelc even on macOS)")
     p.set_defaults(run=cmd_apple_resources)
+
+    p = sub.add_parser("bench", help="time pocketsd against its peers (diffusers, onnxruntime, OpenVINO, optimum) "
+                                     "on one model: JSON, markdown table and chart")
+    p.add_argument("--model", required=True, help="'tiny' (built-in) or a diffusers model folder")
+    p.add_argument("--resolution", type=_size_arg, action="append", help="square size in pixels (repeatable; "
+                                                                         "default 256 and 512)")
+    p.add_argument("--preset", default="cpu", help="the preset of the chunked bundle (default cpu)")
+    p.add_argument("--contender", action="append", help="run only these (repeatable; default: all of them)")
+    p.add_argument("--calls", type=int, default=5, help="timed UNet calls per contender (after --warmup)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed UNet calls first")
+    p.add_argument("--steps", type=int, default=20, help="end-to-end steps per contender (0: none)")
+    p.add_argument("--threads", type=int, default=0, help="threads for every contender (0 = all cores)")
+    p.add_argument("--work", default="results/bench/work", help="bundles, optimum's export and logs (GBs at "
+                                                                 "full size)")
+    p.add_argument("--reuse-bundles", action="store_true", help="use bundles an earlier run left in --work "
+                                                                "(their export is then not timed)")
+    p.add_argument("--optimum-python", help="the python of optimum's environment (default: $POCKETSD_OPTIMUM_PYTHON, "
+                                            "else .venv-optimum/bin/python from `make bench-env-optimum`)")
+    p.add_argument("--out", default="results/bench", help="folder for result.json, result.md and chart.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("inspect", help="show a bundle's components, chunks, sizes and parity figures")
     p.add_argument("bundle")

@@ -82,9 +82,10 @@ class ExecutionPolicy:
 class ResidentPolicy(ExecutionPolicy):
     name = "resident"
 
-    def __init__(self, opener: Opener, low_memory: bool = False) -> None:
+    def __init__(self, opener: Opener, low_memory: bool = False, open_workers: int = 1) -> None:
         super().__init__(opener)
         self._sessions: dict[str, ChunkSession] = {}
+        self._open_workers = open_workers  # chunks of one component opened at once (``prepare``)
         # Sessions without a memory arena (``low_memory``) allocate their tensors with malloc, and glibc keeps freed
         # heap pages, fragmented between live blocks, so the VAE decode came on top of the UNet's leftovers: SD 1.5
         # cpu-int8 at 512² peaked at 1,469 MB (3 steps), 1,394 MB with a trim after each chunk run, at no cost in
@@ -93,8 +94,15 @@ class ResidentPolicy(ExecutionPolicy):
         self._trim = _heap_trimmer() if low_memory else (lambda: None)
 
     def prepare(self, chunks: Sequence[Chunk]) -> None:
-        for chunk in chunks:
-            self._session(chunk)
+        """Open every chunk not yet open: in order, or ``open_workers`` at a time (see ``make_policy``)."""
+        missing = [c for c in chunks if c.id not in self._sessions]
+        if self._open_workers <= 1 or len(missing) <= 1:
+            for chunk in missing:
+                self._session(chunk)
+            return
+        with ThreadPoolExecutor(self._open_workers, thread_name_prefix="pocketsd-open") as pool:
+            for chunk, session in zip(missing, pool.map(self._open, missing)):  # the first error is raised here
+                self._sessions[chunk.id] = session
 
     def _session(self, chunk: Chunk) -> ChunkSession:
         if chunk.id not in self._sessions:
@@ -220,10 +228,11 @@ def check_memory(name: str, error: type[UserError] = GenerateError) -> str:
     return name
 
 
-def make_policy(name: str, opener: Opener, low_memory: bool = False) -> ExecutionPolicy:
-    """The named policy; ``low_memory`` (sessions without a memory arena) makes a resident one trim the C heap."""
+def make_policy(name: str, opener: Opener, low_memory: bool = False, open_workers: int = 1) -> ExecutionPolicy:
+    """The named policy; ``low_memory`` (sessions without a memory arena) makes a resident one trim the C heap, and
+    a resident one opens a component's chunks ``open_workers`` at a time (the engine's choice, pipeline.py)."""
     policy = POLICIES[check_memory(name)]
-    return ResidentPolicy(opener, low_memory) if policy is ResidentPolicy else policy(opener)
+    return ResidentPolicy(opener, low_memory, open_workers) if policy is ResidentPolicy else policy(opener)
 
 
 def check_streamable(manifest: Manifest, memory: str) -> None:

@@ -26,7 +26,7 @@ from pocketsd.runtime.hashing import sha256_once
 from pocketsd.runtime.images import image_to_array, to_pil
 from pocketsd.runtime.manifest import Manifest, load_manifest
 from pocketsd.runtime.schedulers import NoiseSource, SchedulerConfig, make_scheduler
-from pocketsd.runtime.sessions import SessionOptions, check_engine, verify_chunk
+from pocketsd.runtime.sessions import SessionOptions, check_engine, open_workers, verify_chunk, verify_in_background
 from pocketsd.runtime.tiling import TileIO, call_tiled, decoder_head
 from pocketsd.runtime.tokenizer import ClipTokenizer
 
@@ -52,16 +52,20 @@ class Pipeline:
         self.memory = memory
         self.decoder_head = decoder_head(manifest)  # checked at load, not after the last denoising step
         self.options = replace(options, transient=memory != "resident")
-        self.policy = make_policy(memory, chunk_opener(self.bundle_dir, self.options), self.options.low_memory)
+        self.policy = make_policy(memory, chunk_opener(self.bundle_dir, self.options), self.options.low_memory,
+                                  open_workers(self.options.engine))
         self._runners: dict[str, ComponentRunner] = {}
         self.tokenizer = self._open_tokenizer()
+        # every chunk's files are checked from now on, on a background thread, ahead of the opens that need them
+        verify_in_background(self.bundle_dir, [c for comp in manifest.components.values() for c in comp.chunks],
+                             self.options)
 
     @classmethod
     def from_bundle(cls, path: str | Path, *, threads: int | None = None, low_memory: bool | None = None,
                     compute_units: str | None = None, memory: str | None = None,
                     engine: str = "onnxruntime") -> "Pipeline":
         """``memory`` defaults to the bundle's preset (``runtime.memory``), else resident. ``engine`` runs the ONNX
-        chunks: onnxruntime, or openvino (the ``[openvino]`` extra)."""
+        chunks: onnxruntime, openvino (the ``[openvino]`` extra), or openvino-bf16 (OpenVINO in bfloat16)."""
         manifest = load_manifest(path)
         config = manifest.target.get("config", {})
         runtime = config.get("runtime", {})
@@ -112,7 +116,7 @@ class Pipeline:
         """Check every chunk file of every component against the manifest's sha256 now, not on first use."""
         for component in self.manifest.components.values():
             for chunk in component.chunks:
-                verify_chunk(self.bundle_dir, chunk)
+                verify_chunk(self.bundle_dir, chunk, self.options.disk_cache)
 
     def encode_prompt(self, prompt: str) -> np.ndarray:
         """Text states (1, S, C) for one prompt; the ids go in as the bundle's dtype (int64, or float32 for CoreML)."""

@@ -93,7 +93,8 @@ def opened_graphs(monkeypatch) -> list[str]:
     opened: list[str] = []
     real = sessions.OnnxSession
     monkeypatch.setattr(sessions, "OnnxSession",
-                        lambda path, options, chunk=None: opened.append(Path(path).name) or real(path, options, chunk))
+                        lambda path, options, chunk=None, graph_cache=None:
+                        opened.append(Path(path).name) or real(path, options, chunk, graph_cache))
     return opened
 
 

@@ -1,0 +1,314 @@
+"""``pocketsd bench``: pocketsd and its peers on the same model, side by side, in one run.
+
+For each resolution: the bundles are exported from the model (a child process each: wall time, peak RSS); every
+contender (contenders.py) is started in its own worker process, loaded twice (cold: the first load in a fresh
+process; warm: a reload in the same process), warmed up, and then the UNet calls of all contenders that fit in memory
+together are interleaved — A B C A B C … — so that a drifting machine slows them alike. Contenders that do not fit
+beside the others (MemAvailable) run in the next group, and the result says which group each was in. End-to-end
+generation runs each contender alone in a fresh process, whose peak RSS (VmHWM) is the configuration's. The UNet's
+FLOPs are counted from its graph, and a large fp32 MatMul gives the machine's ceiling in the same run.
+
+A contender that is not installed is reported as skipped with the reason; one that fails mid-run is reported with
+its one-line error, and the others finish.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pocketsd.bench.all_presets import run_child
+from pocketsd.bench.contenders import Contender, skip_reason, worker_command
+from pocketsd.bench.flops import component_flops, matmul_ceiling
+from pocketsd.bench.low_memory import component_disk_bytes
+from pocketsd.bench.machine import machine_info, memory_available_bytes
+from pocketsd.bench.worker_client import WorkerError, WorkerProcess
+from pocketsd.bench.worker_protocol import PROMPT
+from pocketsd.runtime.manifest import load_manifest
+
+Tick = Callable[[str], None]
+# A worker grows past its peak after the warm-up while others run (arenas), and its mapped weights count in RSS and in
+# the page cache alike: on SD 1.5 at 512² four workers admitted with a margin of 1.3× their RSS got one OOM-killed.
+MEMORY_MARGIN = 1.6  # start the next worker only while MemAvailable exceeds the largest peak so far × this ...
+MEMORY_RESERVE = 2e9  # ... plus this much for the bench itself
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    model: str  # a diffusers folder, or "tiny" (the built-in random model)
+    contenders: tuple[Contender, ...]
+    work: Path  # bundles, optimum's export and worker logs go here
+    resolutions: tuple[int, ...] = (256, 512)
+    preset: str = "cpu"
+    calls: int = 5
+    warmup: int = 1
+    steps: int = 20  # end-to-end denoising steps; 0: no end-to-end runs
+    threads: int = 0  # 0: all cores, for every contender
+    reuse_bundles: bool = False
+    optimum_python: Path | None = None
+    matmul_size: int = 4096  # the ceiling's MatMul is size³
+
+
+@dataclass
+class Row:
+    """One contender at one resolution: what it measured, or why it did not."""
+
+    contender: Contender
+    group: int = 0
+    figures: dict[str, Any] = field(default_factory=dict)
+    call_s: list[float] = field(default_factory=list)
+    chunk_s: dict[str, list[float]] = field(default_factory=dict)
+    skipped: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.contender
+        out: dict[str, Any] = {"contender": c.name, "kind": c.kind, "engine": c.engine, "uses": c.uses,
+                               "group": self.group, **self.figures}
+        if self.call_s:
+            out["unet_call_s"] = {"median": statistics.median(self.call_s), "min": min(self.call_s),
+                                  "max": max(self.call_s), "stdev": statistics.pstdev(self.call_s),
+                                  "all": self.call_s}
+        if self.chunk_s:
+            out["chunk_s_median"] = {k: statistics.median(v) for k, v in self.chunk_s.items()}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def _model_folder(request: BenchRequest) -> str:
+    if request.model != "tiny":
+        return request.model
+    from pocketsd.export.random_model import builtin_configs, write_random_model
+
+    path = request.work / "tiny-model"
+    if not (path / "model_index.json").is_file():
+        write_random_model(path, builtin_configs("tiny"))
+    return str(path)
+
+
+def _bundle(request: BenchRequest, model: str, size: int, uses: str, tick: Tick) -> dict[str, Any]:
+    """Export (or with ``reuse_bundles``, find) the chunked or unchunked bundle at ``size``²."""
+    path = request.work / f"{request.preset}-{size}-{uses}"
+    info: dict[str, Any] = {"path": str(path)}
+    if request.reuse_bundles and (path / "manifest.json").is_file():
+        info["export"] = {"reused": "bundle from an earlier run (--reuse-bundles): export not timed"}
+    else:
+        if path.exists():
+            shutil.rmtree(path)
+        command = ["export", "--model", model, "--preset", request.preset, "--out", str(path), "--quiet",
+                   "--resolution", f"{size}x{size}", *(["--chunks", "unet=1"] if uses == "unchunked" else [])]
+        info["export"] = run_child(command)
+    tick(f"export {uses} {size}²")
+    if "exit_code" in info["export"] and info["export"]["exit_code"] != 0:
+        info["error"] = f"export failed: {info['export'].get('last_line', 'see the log')}"
+        return info
+    manifest = load_manifest(path)
+    info.update(disk_bytes=sum(component_disk_bytes(path).values()), unet_chunks=len(manifest.component("unet").chunks),
+                dims=manifest.dims, unet_onnx=str(path / manifest.component("unet").chunks[0].file.path),
+                context_layout="bc1s" if len(next(t for t in manifest.component("unet").inputs
+                                                   if t.name == "encoder_hidden_states").shape) == 4 else "bsc")
+    return info
+
+
+def _spec(request: BenchRequest, contender: Contender, model: str, size: int,
+          bundles: dict[str, Any]) -> dict[str, Any]:
+    any_bundle = next(b for b in bundles.values() if "dims" in b)
+    dims = any_bundle["dims"]
+    spec = {"kind": contender.kind, "engine": contender.engine, "threads": request.threads, "model": model,
+            "height": size, "width": size, "latent_height": dims["latent_height"], "latent_width": dims["latent_width"],
+            "unet_batch": dims["unet_batch"], "latent_channels": dims["latent_channels"],
+            "text_length": dims["text_length"], "text_hidden": dims["text_hidden"],
+            "export_dir": str(request.work / "optimum-export")}
+    if contender.uses in bundles:
+        bundle = bundles[contender.uses]
+        spec.update(bundle=bundle["path"], onnx=bundle.get("unet_onnx"), context_layout=bundle.get("context_layout"))
+    return spec
+
+
+def _start(request: BenchRequest, row: Row, spec: dict, size: int, tick: Tick) -> WorkerProcess | None:
+    """Start a contender's worker, load it twice and warm it up; None (with ``row.error``) if that failed."""
+    name = row.contender.name
+    worker = WorkerProcess(name, worker_command(row.contender, json.dumps(spec), request.optimum_python),
+                           request.work / "logs" / f"{name}-{size}.log")
+    try:
+        info = worker.request("info")
+        row.figures.update(describe=info.get("describe"), versions=info.get("versions"))
+        row.figures["cold_load_s"] = worker.request("load")["seconds"]
+        row.figures["warm_load_s"] = worker.request("load")["seconds"]
+        for _ in range(request.warmup):
+            worker.request("call")
+        tick(f"{name} loaded")
+        return worker
+    except WorkerError as exc:
+        row.error = str(exc)
+        worker.close()
+        return None
+
+
+def _optimum_export(request: BenchRequest, contender: Contender, spec: dict[str, Any], tick: Tick) -> dict[str, Any]:
+    """optimum's own export of the model, in a worker of its own (its peak RSS is the export's), once per run."""
+    with WorkerProcess(contender.name, worker_command(contender, json.dumps(spec), request.optimum_python),
+                       request.work / "logs" / "optimum-export.log") as worker:
+        try:
+            answer = worker.request("export")
+            info: dict[str, Any] = {"path": spec["export_dir"]}
+            if answer.get("exported"):
+                info["export"] = {"wall_s": answer["seconds"], "peak_rss_mb": worker.request("stats")["peak_rss_mb"]}
+            else:
+                info["export"] = {"reused": "exported earlier in this run (or kept by --reuse-bundles): not timed"}
+        except WorkerError as exc:
+            info = {"error": f"optimum export failed: {exc}"}
+    tick("optimum export")
+    return info
+
+
+def _fits_another(workers: list[WorkerProcess], largest_rss: float) -> bool:
+    available = memory_available_bytes()
+    return available is None or not workers or available > largest_rss * MEMORY_MARGIN + MEMORY_RESERVE
+
+
+def _race(request: BenchRequest, rows: list[Row], specs: dict[str, dict], size: int, tick: Tick) -> None:
+    """Groups of contenders that fit in memory together; in each, the calls interleaved."""
+    waiting = [r for r in rows if not r.skipped and not r.error]
+    group, largest = 0, 0.0
+    while waiting:
+        group += 1
+        live: list[tuple[Row, WorkerProcess]] = []
+        while waiting and _fits_another([w for _, w in live], largest):
+            row = waiting.pop(0)
+            row.group = group
+            worker = _start(request, row, specs[row.contender.name], size, tick)
+            if worker is not None:
+                live.append((row, worker))
+                try:
+                    largest = max(largest, worker.request("stats")["peak_rss_mb"] * 1e6)
+                except WorkerError as exc:
+                    row.error = str(exc)
+        for i in range(request.calls):
+            for row, worker in live:
+                if row.error:
+                    continue
+                save = _output_path(request, row, size) if i == 0 else None
+                if save:
+                    save.parent.mkdir(parents=True, exist_ok=True)
+                    save.unlink(missing_ok=True)  # never compare a stale output from an earlier run
+                try:
+                    answer = worker.request("call", **({"save": str(save)} if save else {}))
+                except WorkerError as exc:
+                    row.error = str(exc)
+                    continue
+                row.call_s.append(answer["seconds"])
+                for chunk in answer.get("chunks", []):
+                    row.chunk_s.setdefault(chunk["id"], []).append(chunk["seconds"])
+                tick(f"{row.contender.name} call")
+        for row, worker in live:
+            try:
+                row.figures["peak_rss_calls_mb"] = worker.request("stats")["peak_rss_mb"]
+            except WorkerError as exc:
+                row.error = row.error or str(exc)
+            worker.close()
+
+
+def _output_path(request: BenchRequest, row: Row, size: int) -> Path:
+    return request.work / "outputs" / f"{row.contender.name}-{size}.npy"
+
+
+def _agreement(request: BenchRequest, rows: list[Row], size: int) -> None:
+    """Each contender's noise prediction (its first timed call, same inputs) against diffusers on PyTorch (else the
+    first contender that produced one): the proof that every contender computed the same model, and how closely."""
+    import numpy as np
+
+    paths = {r.contender.name: _output_path(request, r, size) for r in rows if not r.error}
+    outputs = {name: np.load(path) for name, path in paths.items() if path.is_file()}
+    reference = "diffusers-torch" if "diffusers-torch" in outputs else next(iter(outputs), None)
+    if reference is None:
+        return
+    want = outputs[reference].astype(np.float64)
+    for row in rows:
+        got = outputs.get(row.contender.name)
+        if got is None or got.shape != want.shape:
+            continue
+        error = got.astype(np.float64) - want
+        peak = float(np.abs(want).max()) or 1.0
+        mse = float(np.mean(error**2))
+        row.figures["vs_reference"] = {"reference": reference, "max_abs": float(np.abs(error).max()),
+                                       "psnr_db": None if mse == 0 else float(10 * np.log10(peak**2 / mse))}
+
+
+
+def _end_to_end(request: BenchRequest, row: Row, spec: dict, size: int, tick: Tick) -> None:
+    """A fresh process that loads and generates once: end-to-end time and the configuration's peak RSS."""
+    name = row.contender.name
+    with WorkerProcess(name, worker_command(row.contender, json.dumps(spec), request.optimum_python),
+                       request.work / "logs" / f"{name}-{size}-generate.log") as worker:
+        try:
+            # a later process: what the runtime's on-disk caches (digests, optimized graphs) save on a second start
+            row.figures["load_new_process_s"] = worker.request("load")["seconds"]
+            answer = worker.request("generate", steps=request.steps, prompt=PROMPT, guidance=7.5, seed=0)
+            row.figures["generate_s"] = answer["seconds"]
+            row.figures["peak_rss_generate_mb"] = worker.request("stats")["peak_rss_mb"]
+        except WorkerError as exc:
+            row.figures["generate_error"] = str(exc)
+    tick(f"{name} generate")
+
+
+def one_resolution(request: BenchRequest, model: str, size: int, tick: Tick) -> dict[str, Any]:
+    rows = [Row(c, skipped=skip_reason(c, request.optimum_python)) for c in request.contenders]
+    needed = sorted({r.contender.uses for r in rows if not r.skipped and r.contender.uses in ("chunked", "unchunked")})
+    bundles = {uses: _bundle(request, model, size, uses, tick) for uses in needed}
+    for row in rows:
+        bundle = bundles.get(row.contender.uses, {})
+        if "error" in bundle and not row.skipped:
+            row.error = bundle["error"]
+        elif bundle:
+            row.figures.update(bundle_disk_bytes=bundle["disk_bytes"], unet_chunks=bundle["unet_chunks"])
+    if not any("dims" in b for b in bundles.values()):  # the peers need the dims too: export the chunked one
+        bundles["chunked"] = _bundle(request, model, size, "chunked", tick)
+    if "dims" not in bundles.get("chunked", {}) and not any("dims" in b for b in bundles.values()):
+        for row in (r for r in rows if not r.skipped):
+            row.error = row.error or bundles["chunked"].get("error", "no bundle")
+        return {"size": size, "bundles": bundles, "rows": [r.to_dict() for r in rows]}
+    specs = {r.contender.name: _spec(request, r.contender, model, size, bundles) for r in rows}
+    for row in (r for r in rows if r.contender.uses == "optimum" and not r.skipped):
+        bundles["optimum"] = _optimum_export(request, row.contender, specs[row.contender.name], tick)
+        row.error = bundles["optimum"].get("error")
+    _race(request, rows, specs, size, tick)
+    _agreement(request, rows, size)
+    if request.steps > 0:
+        for row in rows:
+            if row.contender.generates and not row.skipped and not row.error:
+                _end_to_end(request, row, specs[row.contender.name], size, tick)
+    counted = next((b for b in bundles.values() if "dims" in b), None)  # a pocketsd bundle: same UNet as the peers
+    flops = component_flops(Path(counted["path"]), "unet") if counted else None
+    return {"size": size, "bundles": bundles, "unet_gflop_per_call": flops / 1e9 if flops else None,
+            "rows": [r.to_dict() for r in rows]}
+
+
+def run_bench(request: BenchRequest, tick: Tick) -> dict[str, Any]:
+    request.work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"machine": machine_info(), "model": request.model, "preset": request.preset,
+                              "threads": request.threads, "calls": request.calls, "warmup": request.warmup,
+                              "steps": request.steps, "contenders": [c.name for c in request.contenders]}
+    result["matmul_ceiling"] = [matmul_ceiling(request.threads, request.matmul_size)]
+    tick("matmul ceiling")
+    model = _model_folder(request)
+    if not request.reuse_bundles:  # optimum's export is made once per run, for every resolution
+        shutil.rmtree(request.work / "optimum-export", ignore_errors=True)
+    result["resolutions"] = [one_resolution(request, model, size, tick) for size in request.resolutions]
+    # again at the end: the machine may drift
+    result["matmul_ceiling"].append(matmul_ceiling(request.threads, request.matmul_size))
+    tick("matmul ceiling")
+    return result
+
+
+def ticks_expected(request: BenchRequest) -> int:
+    per_size = 2 + len(request.contenders) * (1 + request.calls + (1 if request.steps else 0))
+    return 2 + per_size * len(request.resolutions)
+
