@@ -27,13 +27,19 @@ def _state(row: dict[str, Any]) -> str:
     return f"FAILED generate: {row['generate_error']}" if row.get("generate_error") else "ok"
 
 
+def _rate(row: dict[str, Any], gflop: float | None, ceiling: float) -> str:
+    """GFLOP/s of the median UNet call, and its share of the fp32 MatMul ceiling (not for a bf16 engine)."""
+    median = _median(row)
+    if not (median and gflop):
+        return "-"
+    rate = gflop / median
+    return f"{rate:.0f} (bf16)" if "bf16" in str(row.get("engine")) else f"{rate:.0f} ({100 * rate / ceiling:.0f}%)"
+
+
 def _row_line(row: dict[str, Any], gflop: float | None, ceiling: float) -> str:
     call = row.get("unet_call_s")
     spread = f"{call['median']:.3f} s ({call['min']:.3f}–{call['max']:.3f})" if call else "-"
-    gflops = "-"
-    if call and gflop:
-        rate = gflop / call["median"]
-        gflops = f"{rate:.0f} ({100 * rate / ceiling:.0f}%)"
+    gflops = _rate(row, gflop, ceiling)
     rss = "/".join(f"{row[k] / 1e3:.1f}" if row.get(k) else "-" for k in ("peak_rss_calls_mb", "peak_rss_generate_mb"))
     disk = f"{row['bundle_disk_bytes'] / 1e9:.2f} GB" if row.get("bundle_disk_bytes") else "-"
     agreement = row.get("vs_reference")
@@ -102,7 +108,28 @@ def markdown(result: dict[str, Any], command: str) -> str:
             lines.append(f"- export of the {uses} bundle: {cost}" + (f" — {bundle['error']}" if "error" in bundle
                                                                       else ""))
         lines.append("")
+    if "batch_one" in result:
+        lines += _batch_one_lines(result["batch_one"], ceiling)
     return "\n".join(lines)
+
+
+def _batch_one_lines(section: dict[str, Any], ceiling: float) -> list[str]:
+    """pocketsd's chunked UNet at batch 1: its GFLOP/s against the fp32 MatMul ceiling (the issue's 85% target)."""
+    gflop = section.get("unet_gflop_per_call")
+    lines = [f"## {section['size']}×{section['size']}, UNet batch 1" + (f" (UNet call: {gflop:.4g} GFLOP)" if gflop
+                                                                         else ""), "",
+             "| contender | UNet chunks | UNet call, median (min–max) | GFLOP/s (% of MatMul) | state |",
+             "|---|---|---|---|---|"]
+    for row in section["rows"]:
+        call = row.get("unet_call_s")
+        spread = f"{call['median']:.3f} s ({call['min']:.3f}–{call['max']:.3f})" if call else "-"
+        rate = _rate(row, gflop, ceiling)
+        lines.append(f"| {row['contender']} | {row.get('unet_chunks', '-')} | {spread} | {rate} | {_state(row)} |")
+    export = section["bundles"].get("batch1", {}).get("export", {})
+    if "wall_s" in export:
+        lines += ["", f"- export of the batch-1 bundle: {export['wall_s']:.0f} s, peak RSS "
+                      f"{export['peak_rss_mb'] / 1e3:.1f} GB"]
+    return [*lines, ""]
 
 
 def chart(result: dict[str, Any], path: Path) -> None:

@@ -54,7 +54,7 @@ class _OrtSession:
 
 
 class OrtProfiler:
-    """onnxruntime sessions with ``enable_profiling``; the trace is read once, at the end."""
+    """onnxruntime sessions with ``enable_profiling``; their traces (all runs) are read at the end, warm-ups dropped."""
 
     def __init__(self, bundle: Path, options: SessionOptions, trace_dir: Path) -> None:
         self.bundle, self.options, self.trace_dir = bundle, options, trace_dir
@@ -70,8 +70,7 @@ class OrtProfiler:
         self.sessions[chunk.id] = _OrtSession(session)
         return self.sessions[chunk.id]
 
-    def after_warm_up(self) -> None:
-        """Nothing: the trace holds every run; ``node_times`` drops the warm-up runs by their ``model_run`` events."""
+    def after_warm_up(self) -> None: ...
 
     def node_times(self, warm_up: int, calls: int) -> NodeTimes:
         times: NodeTimes = defaultdict(float)

@@ -51,6 +51,7 @@ class BenchRequest:
     reuse_bundles: bool = False
     optimum_python: Path | None = None
     matmul_size: int = 4096  # the ceiling's MatMul is size³
+    batch_one: bool = True  # also time pocketsd's chunked UNet at batch 1 (one unguided step) at the largest size
 
 
 @dataclass
@@ -93,16 +94,18 @@ def _model_folder(request: BenchRequest) -> str:
     return str(path)
 
 
-def _bundle(request: BenchRequest, model: str, size: int, uses: str, tick: Tick) -> dict[str, Any]:
-    """Export (or with ``reuse_bundles``, find) the chunked or unchunked bundle at ``size``²."""
-    path = request.work / f"{request.preset}-{size}-{uses}"
+def _bundle(request: BenchRequest, model: str, size: int, uses: str, tick: Tick,
+            preset: str | None = None) -> dict[str, Any]:
+    """Export (or with ``reuse_bundles``, find) the chunked or unchunked bundle at ``size``² (with ``preset``, the
+    request's preset unless given)."""
+    path = request.work / f"{Path(request.preset).stem}-{size}-{uses}"
     info: dict[str, Any] = {"path": str(path)}
     if request.reuse_bundles and (path / "manifest.json").is_file():
         info["export"] = {"reused": "bundle from an earlier run (--reuse-bundles): export not timed"}
     else:
         if path.exists():
             shutil.rmtree(path)
-        command = ["export", "--model", model, "--preset", request.preset, "--out", str(path), "--quiet",
+        command = ["export", "--model", model, "--preset", preset or request.preset, "--out", str(path), "--quiet",
                    "--resolution", f"{size}x{size}", *(["--chunks", "unet=1"] if uses == "unchunked" else [])]
         info["export"] = run_child(command)
     tick(f"export {uses} {size}²")
@@ -174,8 +177,10 @@ def _fits_another(workers: list[WorkerProcess], largest_rss: float) -> bool:
     return available is None or not workers or available > largest_rss * MEMORY_MARGIN + MEMORY_RESERVE
 
 
-def _race(request: BenchRequest, rows: list[Row], specs: dict[str, dict], size: int, tick: Tick) -> None:
-    """Groups of contenders that fit in memory together; in each, the calls interleaved."""
+def _race(request: BenchRequest, rows: list[Row], specs: dict[str, dict], size: int, tick: Tick,
+          keep_outputs: bool = True) -> None:
+    """Groups of contenders that fit in memory together; in each, the calls interleaved (with ``keep_outputs``, each
+    one's first output saved for ``_agreement``)."""
     waiting = [r for r in rows if not r.skipped and not r.error]
     group, largest = 0, 0.0
     while waiting:
@@ -195,7 +200,7 @@ def _race(request: BenchRequest, rows: list[Row], specs: dict[str, dict], size: 
             for row, worker in live:
                 if row.error:
                     continue
-                save = _output_path(request, row, size) if i == 0 else None
+                save = _output_path(request, row, size) if i == 0 and keep_outputs else None
                 if save:
                     save.parent.mkdir(parents=True, exist_ok=True)
                     save.unlink(missing_ok=True)  # never compare a stale output from an earlier run
@@ -291,6 +296,38 @@ def one_resolution(request: BenchRequest, model: str, size: int, tick: Tick) -> 
             "rows": [r.to_dict() for r in rows]}
 
 
+def _batch_one_contenders(request: BenchRequest) -> list[Contender]:
+    return [c for c in request.contenders if c.kind == "pocketsd" and c.uses == "chunked"]
+
+
+def batch_one(request: BenchRequest, model: str, size: int, tick: Tick) -> dict[str, Any]:
+    """pocketsd's chunked UNet at batch 1 (one unguided step, e.g. guidance 1.0), where the arithmetic per weight is
+    half of batch 2's: its GFLOP/s against the MatMul ceiling. The bundle is the preset's with ``unet_batch: 1``."""
+    import yaml
+
+    from pocketsd.export.preset import preset_text
+
+    data = yaml.safe_load(preset_text(request.preset)[0])
+    data.update(name=f"{data.get('name', 'preset')}-batch1", unet_batch=1)
+    preset = request.work / f"{Path(request.preset).stem}-batch1.yaml"
+    preset.parent.mkdir(parents=True, exist_ok=True)
+    preset.write_text(yaml.safe_dump(data))
+    bundles = {"batch1": _bundle(request, model, size, "batch1", tick, preset=str(preset))}
+    rows = [Row(c, skipped=skip_reason(c, request.optimum_python)) for c in _batch_one_contenders(request)]
+    if "error" in bundles["batch1"]:
+        for row in rows:
+            row.error = row.error or bundles["batch1"]["error"]
+        return {"size": size, "bundles": bundles, "rows": [r.to_dict() for r in rows]}
+    bundles["chunked"] = bundles.pop("batch1")
+    specs = {r.contender.name: _spec(request, r.contender, model, size, bundles) for r in rows}
+    for row in rows:
+        row.figures.update(unet_chunks=bundles["chunked"]["unet_chunks"])
+    _race(request, rows, specs, size, tick, keep_outputs=False)
+    flops = component_flops(Path(bundles["chunked"]["path"]), "unet")
+    return {"size": size, "bundles": {"batch1": bundles["chunked"]}, "unet_gflop_per_call": flops / 1e9,
+            "rows": [r.to_dict() for r in rows]}
+
+
 def run_bench(request: BenchRequest, tick: Tick) -> dict[str, Any]:
     request.work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"machine": machine_info(), "model": request.model, "preset": request.preset,
@@ -302,6 +339,8 @@ def run_bench(request: BenchRequest, tick: Tick) -> dict[str, Any]:
     if not request.reuse_bundles:  # optimum's export is made once per run, for every resolution
         shutil.rmtree(request.work / "optimum-export", ignore_errors=True)
     result["resolutions"] = [one_resolution(request, model, size, tick) for size in request.resolutions]
+    if request.batch_one and request.resolutions:
+        result["batch_one"] = batch_one(request, model, max(request.resolutions), tick)
     # again at the end: the machine may drift
     result["matmul_ceiling"].append(matmul_ceiling(request.threads, request.matmul_size))
     tick("matmul ceiling")
@@ -310,5 +349,6 @@ def run_bench(request: BenchRequest, tick: Tick) -> dict[str, Any]:
 
 def ticks_expected(request: BenchRequest) -> int:
     per_size = 2 + len(request.contenders) * (1 + request.calls + (1 if request.steps else 0))
-    return 2 + per_size * len(request.resolutions)
+    batch_one = (1 + len(_batch_one_contenders(request)) * (1 + request.calls)) if request.batch_one else 0
+    return 2 + per_size * len(request.resolutions) + batch_one
 

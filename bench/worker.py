@@ -83,8 +83,8 @@ def pocketsd_worker(spec: Spec) -> dict[str, Handler]:
                                                  seed=request["seed"], output_type="np"))}
 
     def info(_request: dict[str, Any]) -> dict[str, Any]:
-        return {"versions": _versions("numpy", "onnxruntime", *(("openvino",) if spec["engine"] == "openvino" else ()),
-                                      pocketsd=pocketsd.__version__),
+        engines = ("openvino",) if spec["engine"].startswith("openvino") else ()
+        return {"versions": _versions("numpy", "onnxruntime", *engines, pocketsd=pocketsd.__version__),
                 "describe": f"pocketsd Pipeline on {spec['engine']}"}
 
     return {"load": load, "call": call, "generate": generate, "info": info}

@@ -228,6 +228,20 @@ def _holds(module: nn.Module, config: LayerCompression) -> bool:
     return False
 
 
+def _write_back(batch: Mapping[str, nn.Module], kept: Mapping[str, torch.Tensor]) -> None:
+    """Put each compressed weight back into the tensor coremltools replaced, so that compression is in place in memory
+    too. A weight loaded from safetensors lives in the file's (private) mapping: replaced, its pages stay resident
+    beside the new tensor as long as any weight of the file is alive (SD 1.5's UNet: 3.4 GB twice, 8.4 GB peak for
+    the iphone preset); written over, they become the weight's own pages."""
+    import torch
+
+    with torch.no_grad():
+        for name, module in batch.items():
+            if module.weight.data_ptr() != kept[name].data_ptr():
+                kept[name].copy_(module.weight.detach())
+                module.weight.data = kept[name]
+
+
 def compress(model: nn.Module, layers: Mapping[str, LayerCompression], *, workers: int = 1) -> nn.Module:
     """Compress ``layers`` (module path → config) IN PLACE and return ``model``; an empty mapping changes nothing.
 
@@ -253,7 +267,9 @@ def compress(model: nn.Module, layers: Mapping[str, LayerCompression], *, worker
             for batch in _batches(names, found):
                 for module in batch.values():
                     drop_compression_buffers(module)
+                kept = {name: module.weight.detach() for name, module in batch.items()}
                 _run_coremltools(batch, layers, workers)
+                _write_back(batch, kept)
                 done += len(batch)
                 log.debug("compressed %d of %d layers", done, len(todo))
     not_done = [n for n in layers if f"{META}/weight/compression_type" not in compression_buffers(found[n])]

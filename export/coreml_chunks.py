@@ -5,6 +5,7 @@ predictions where CoreML can run (macOS).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -47,6 +48,9 @@ class CoreMLChunkWriter:
         return Chunk(id=cm.plan.id, format=self.format, file=file_ref(job.bundle_dir, path),
                      weight_bytes=cm.plan.weight_bytes, inputs=inputs, outputs=outputs, modules=cm.plan.modules,
                      extra=extra)
+
+    def finish(self, chunk: Chunk, bundle_dir: Path) -> Chunk:
+        return chunk
 
     def runnable(self) -> str | None:
         return None if sys.platform == "darwin" else NOT_ON_LINUX

@@ -3,7 +3,8 @@
 The chunk is re-captured with ``torch.export`` (core ATen, as coremltools requires) and converted with the preset's
 deployment target and compute precision. Inputs and outputs are always fp32 at the chunk boundary, so precision is
 never lost between chunks even when the chunk computes in fp16. Compression metadata that travels with the chunk's
-weights (``_COREML_`` buffers, see ``slicing.py``) makes coremltools store the exact palettes chosen in PyTorch.
+weights (``_COREML_`` buffers, see ``slicing.py``) makes coremltools store the exact palettes chosen in PyTorch
+(``coreml_palettes.py``).
 
 CoreML feature names allow only ``[A-Za-z0-9_]``; the manifest keeps the plan's names (identical to the ONNX
 bundle's) and records the CoreML name of each in the chunk's ``extra.coreml.feature_names``.
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from pocketsd.errors import InternalError
+from pocketsd.export.coreml_palettes import palettization_pipeline, take_palette_metadata
 from pocketsd.export.onnx_writer import quiet_exporter
 from pocketsd.runtime.manifest import TensorSpec
 
@@ -70,7 +72,7 @@ def write_mlpackage(module: torch.nn.Module, example_inputs: Sequence[torch.Tens
 
     names = feature_names([*inputs, *outputs])
     args = tuple(x.contiguous() for x in example_inputs)  # coremltools refuses non-contiguous example inputs
-    palettes, removed = _take_palette_metadata(module)
+    palettes, removed = take_palette_metadata(module)
     try:
         with quiet_exporter(), torch.no_grad():
             program = torch.export.export(module, args, strict=False).run_decompositions({})
@@ -87,61 +89,11 @@ def write_mlpackage(module: torch.nn.Module, example_inputs: Sequence[torch.Tens
             inputs=[ct.TensorType(name=names[s.name], shape=s.shape, dtype=_np_dtype(s.dtype)) for s in inputs],
             outputs=[ct.TensorType(name=names[s.name], dtype=np.float32 if s.dtype.startswith("float")
                                    else _np_dtype(s.dtype)) for s in outputs],
-            pass_pipeline=_unique_palettization(palettes), skip_model_load=True,
+            pass_pipeline=palettization_pipeline(palettes, program), skip_model_load=True,
         )
     model.short_description = f"pocketsd chunk ({len(inputs)} inputs, {len(outputs)} outputs)"
     model.save(str(path))
     return names
-
-
-@dataclass(frozen=True)
-class _Palette:
-    numel: int
-    groups: int  # 1: one palette per tensor; else one per group of output channels
-    out_channels: int
-
-
-def _take_palette_metadata(module: torch.nn.Module
-                           ) -> tuple[dict[str, _Palette], list[tuple[torch.nn.Module, str, torch.Tensor]]]:
-    """Remove the palette metadata of palettized weights; returns how each was palettized and what was removed.
-
-    With the metadata, coremltools' torch frontend finds each weight's palette indices by comparing every weight
-    with every palette entry at once (``numel × 2^bits`` temporaries: 7.5 GB for one SD 1.5 convolution at 6 bits).
-    The weights already hold exactly their palette values, so the ``unique`` palettization pass, which uses
-    ``np.unique``, recovers the same palettes and indices in linear memory. int8 metadata stays (cheap to convert).
-    """
-    found, removed = {}, []
-    for name, sub in module.named_modules():
-        buffers = dict(sub.named_buffers(recurse=False))
-        for key, lut in list(buffers.items()):
-            if not (key.startswith("_COREML_/") and key.endswith("/lut")):
-                continue
-            leaf = key.split("/")[1]
-            weight = getattr(sub, leaf)
-            found[f"{name}.{leaf}" if name else leaf] = _Palette(weight.numel(), int(lut.shape[0]), weight.shape[0])
-            for other in [k for k in buffers if k.startswith(f"_COREML_/{leaf}/")]:
-                removed.append((sub, other, buffers[other]))
-                delattr(sub, other)
-    return found, removed
-
-
-def _unique_palettization(palettes: dict[str, _Palette]) -> Any:
-    """The default pipeline plus lossless ``unique`` palettization sized to this chunk's palettized weights."""
-    if not palettes:
-        return None
-    import coremltools as ct
-    import coremltools.optimize.coreml as cto
-
-    groups = {p.out_channels // p.groups for p in palettes.values() if p.groups > 1}
-    if len(groups) > 1:
-        raise InternalError(f"one chunk holds palettes grouped by {sorted(groups)} channels; use one group size")
-    grouped = {"granularity": "per_grouped_channel", "group_size": groups.pop()} if groups else {}
-    # weight_threshold is exclusive: weights with more elements than it are palettized
-    config = cto.OpPalettizerConfig(mode="unique", weight_threshold=min(p.numel for p in palettes.values()) - 1,
-                                    **grouped)
-    pipeline = ct.PassPipeline.DEFAULT_PALETTIZATION
-    pipeline.set_options("compression::palettize_weights", {"config": cto.OptimizationConfig(global_config=config)})
-    return pipeline
 
 
 def _drop_aliases(program: Any) -> None:

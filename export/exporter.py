@@ -7,12 +7,13 @@ untouched.
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
@@ -20,13 +21,14 @@ from pocketsd import __version__
 from pocketsd.errors import PresetError
 from pocketsd.export.bundle_files import file_ref, write_plan, write_tokenizer
 from pocketsd.export.capture import capture
+from pocketsd.export.check_component import check_component
 from pocketsd.export.components import SD_COMPONENTS, ComponentSpec, Dims
 from pocketsd.export.components.group_norm_stats import STATS_INPUT, group_norm_stats_spec, manifest_tiling_fields
 from pocketsd.export.components.vae_decoder import HEAD_ID, HEAD_OUTPUT, HEAD_SPEC, TAIL_SPEC
 from pocketsd.export.model_loader import ModelFolder, load_module, open_model_folder
 from pocketsd.export.preset import Preset
 from pocketsd.export.read_back import read_back
-from pocketsd.export.write_component import write_component
+from pocketsd.export.write_component import WrittenComponent, write_component
 from pocketsd.runtime.manifest import SCHEMA_VERSION, Manifest
 from pocketsd.staging import staged_folder
 
@@ -111,17 +113,17 @@ def _tiling_extra(spec: ComponentSpec, dims: Dims) -> dict[str, Any]:
     return {"tiling": {**dims.vae_tiling(), **group_norm, **head}}
 
 
-def _modules(folder: ModelFolder, components: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
-    """Load each sub-model once, in component order, and let it go when no later component needs it."""
-    loaded: dict[str, Any] = {}
+def _module_for(folder: ModelFolder, components: tuple[str, ...], index: int, kept: dict[str, Any]) -> Any:
+    """The sub-model of ``components[index]``: loaded once, and kept in ``kept`` only while a later component
+    needs it (the VAE's decoder and encoder), so that the caller's reference is the last one to it."""
     subfolder = {**{c: s.subfolder for c, s in SD_COMPONENTS.items()}, HEAD_ID: HEAD_SPEC.subfolder}
-    for i, component in enumerate(components):
-        sub = subfolder[component]
-        if sub not in loaded:
-            loaded[sub] = load_module(folder, sub)
-        yield component, loaded[sub]
-        if all(subfolder[c] != sub for c in components[i + 1:]):
-            del loaded[sub]
+    sub = subfolder[components[index]]
+    module = kept.pop(sub, None)
+    if module is None:
+        module = load_module(folder, sub)
+    if any(subfolder[c] == sub for c in components[index + 1:]):
+        kept[sub] = module
+    return module
 
 
 def export_bundle(request: ExportRequest) -> Path:
@@ -173,22 +175,32 @@ def _prepare_for_onnx(spec: ComponentSpec, model: Any, dims: Dims, preset: Prese
     return Prepared(done.model, done.stored_bytes, done.compressed, {"quantization": done.report})
 
 
+def _write_with_torch(component_id: str, model: Any, dims: Dims, request: ExportRequest,
+                      staging: Path) -> WrittenComponent:
+    """Prepare, capture and write one component's chunks: every torch object of the component lives and dies here."""
+    preset = request.preset
+    spec = component_spec(component_id, model, dims, preset)
+    prepared = _prepare(spec, model, dims, preset, request.seed)
+    captured = capture(spec, prepared.model, dims, seed=request.seed)
+    return write_component(captured, preset, staging, progress=request.progress, weight_bytes=prepared.weight_bytes,
+                           compressed=prepared.compressed, extra={**prepared.extra, **_tiling_extra(spec, dims)})
+
+
 def _export_into(folder: ModelFolder, source: str, request: ExportRequest, staging: Path) -> Manifest:
     preset = request.preset
     dims = resolve_dims(folder, preset)
     components, plans = {}, {}
     order = export_components(preset, dims)
     bar = tqdm(total=len(order), desc="export", unit="component", disable=not request.progress)
+    kept: dict[str, Any] = {}
     with bar:
-        for component_id, model in _modules(folder, order):
+        for index, component_id in enumerate(order):
             bar.set_postfix_str(component_id)
-            spec = component_spec(component_id, model, dims, preset)
-            prepared = _prepare(spec, model, dims, preset, request.seed)
-            captured = capture(spec, prepared.model, dims, seed=request.seed)
-            component, plan = write_component(captured, preset, staging, progress=request.progress,
-                                              weight_bytes=prepared.weight_bytes, compressed=prepared.compressed,
-                                              extra={**prepared.extra, **_tiling_extra(spec, dims)})
-            components[component_id], plans[component_id] = component, plan.to_dict()
+            written = _write_with_torch(component_id, _module_for(folder, order, index, kept), dims, request,
+                                        staging)
+            gc.collect()  # the model's last references sit in reference cycles (fx graphs, exported programs)
+            components[component_id] = check_component(written, staging, progress=request.progress)
+            plans[component_id] = written.plan.to_dict()
             bar.update()
     vae = folder.config("vae")
     return Manifest(

@@ -3,6 +3,9 @@ of it (export/onnx_optimized.py), which the runtime opens instead when its onnxr
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import onnxruntime
 import torch
 
@@ -20,7 +23,7 @@ class OnnxChunkWriter:
     format = "onnx"
 
     def __init__(self, job: ComponentJob) -> None:
-        self.job = job
+        del job  # each chunk's write gets the job; nothing of it is kept
 
     def write(self, job: ComponentJob, cm: ChunkModule, example: list[torch.Tensor]) -> Chunk:
         files = onnx_writer.write_chunk(cm.plan, cm.module, example, job.folder / f"{cm.plan.id}.onnx")
@@ -30,12 +33,16 @@ class OnnxChunkWriter:
             files, summary = store_chunk_quantized(files, cm.module, job.compressed, quantization, cm.plan.id)
             extra.update({"quantization": summary} if summary else {})
         refs = [file_ref(job.bundle_dir, f) for f in files]
-        optimized = [file_ref(job.bundle_dir, f) for f in write_optimized(files[0])]
         return Chunk(id=cm.plan.id, format=self.format, file=refs[0], data_files=tuple(refs[1:]),
                      weight_bytes=cm.plan.weight_bytes, inputs=tuple(spec_of(t) for t in cm.plan.inputs),
-                     outputs=tuple(spec_of(t) for t in cm.plan.outputs), modules=cm.plan.modules, extra=extra,
-                     optimized=OptimizedGraph(ORT_ENGINE, onnxruntime.__version__, OPTIMIZED_LEVEL, optimized[0],
-                                              tuple(optimized[1:])))
+                     outputs=tuple(spec_of(t) for t in cm.plan.outputs), modules=cm.plan.modules, extra=extra)
+
+    def finish(self, chunk: Chunk, bundle_dir: Path) -> Chunk:
+        """onnxruntime's optimized graph of the chunk: after the torch model is gone, as it holds the weights once
+        more while it optimizes."""
+        optimized = [file_ref(bundle_dir, f) for f in write_optimized(bundle_dir / chunk.file.path)]
+        return replace(chunk, optimized=OptimizedGraph(ORT_ENGINE, onnxruntime.__version__, OPTIMIZED_LEVEL,
+                                                       optimized[0], tuple(optimized[1:])))
 
     def runnable(self) -> str | None:
         return None

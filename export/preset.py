@@ -332,6 +332,16 @@ def builtin_presets() -> list[str]:
 
 def load_preset(name_or_file: str) -> Preset:
     """A built-in preset by name (``cpu``) or a YAML file path."""
+    text, source = preset_text(name_or_file)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PresetError(f"{source} is not valid YAML: {exc}".splitlines()[0]) from None
+    return preset_from_dict(data, source)
+
+
+def preset_text(name_or_file: str) -> tuple[str, str]:
+    """The YAML text of a built-in preset (``cpu``) or a preset file, and where it came from."""
     path = Path(name_or_file)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -343,11 +353,7 @@ def load_preset(name_or_file: str) -> Preset:
             raise PresetError(f"unknown preset {name_or_file!r}", f"built-in presets: {', '.join(builtin_presets())}"
                               " — or pass a YAML file")
         text, source = resource.read_text(), f"split_configs/{name_or_file}.yaml"
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PresetError(f"{source} is not valid YAML: {exc}".splitlines()[0]) from None
-    return preset_from_dict(data, source)
+    return text, source
 
 
 def with_overrides(preset: Preset, chunks: Mapping[str, int] | None = None, max_chunk_mb: float | None = None,

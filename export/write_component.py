@@ -1,31 +1,31 @@
-"""Plan, cut, write and check one captured component; returns its manifest entry.
+"""Plan, cut and write one captured component: the part of the export that needs torch.
 
 Writers obey the plan: boundaries come from ``split_strategies``; a backend's writer (``writer::onnx``,
-``writer::coreml``) only converts each chunk module and checks the file it wrote. Where the backend can run here,
-every chunk then runs on the inputs PyTorch fed it (per-chunk parity) and the whole chain runs end to end on the
-backend's own outputs (component parity), one chunk session open at a time. Where it cannot (CoreML off macOS), the
-manifest says so and the writer's structural checks and the PyTorch-simulated compression figures are the gate.
+``writer::coreml``) only converts each chunk module and checks the file it wrote. The reference value of every
+boundary tensor is computed here, in PyTorch, and kept as numpy arrays, so that the model can be released before the
+chunks are finished and run against them (``check_component.py``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from pocketsd.export.capture import Captured
-from pocketsd.export.parity import ParityGate, compare_all
+from pocketsd.export.parity import ParityGate
 from pocketsd.export.plan import BoundaryTensor, ComponentPlan, analyze_cuts, build_plan
 from pocketsd.export.preset import Preset
 from pocketsd.export.slicing import ChunkModule, slice_plan
 from pocketsd.export.split_strategies import STRATEGIES
 from pocketsd.registry import Registry
-from pocketsd.runtime.manifest import Chunk, Component, TensorSpec
-from pocketsd.runtime.sessions import SessionOptions, open_chunk
+from pocketsd.runtime.manifest import Chunk, TensorSpec
+from pocketsd.runtime.sessions import SessionOptions
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,11 @@ class ChunkWriter(Protocol):
     format: str
 
     def write(self, job: ComponentJob, chunk: ChunkModule, example: list[torch.Tensor]) -> Chunk:
-        """Write the chunk's file(s) under ``job.folder``, check them, and describe them (no parity yet)."""
+        """Write the chunk's file(s) under ``job.folder``, check them, and describe them (no parity yet). The writer
+        keeps no reference to ``job`` or ``chunk``: they hold the torch model, which goes before ``finish``."""
+
+    def finish(self, chunk: Chunk, bundle_dir: Path) -> Chunk:
+        """What the backend makes of a written chunk without torch (e.g. ONNX's optimized graph), before it runs."""
 
     def runnable(self) -> str | None:
         """None if chunks can run on this machine, else the reason they cannot."""
@@ -92,9 +96,29 @@ def reference_values(captured: Captured, chunks: list[ChunkModule]) -> dict[str,
     return values
 
 
+@dataclass
+class WrittenComponent:
+    """A component whose chunk files are written: what its checks need, as numpy arrays. Nothing here holds the
+    torch model, so the exporter can let the model go before any chunk is run (``check_component.py``)."""
+
+    id: str
+    inputs: tuple[TensorSpec, ...]
+    plan: ComponentPlan
+    chunks: list[Chunk]
+    values: dict[str, np.ndarray]  # reference value of every boundary tensor (and component input), by FX value
+    input_values: tuple[str, ...]  # FX values of the component's inputs
+    output_values: tuple[str, ...]  # FX values of the component's outputs
+    reference_outputs: tuple[np.ndarray, ...]
+    threshold: float
+    writer: ChunkWriter
+    gate: ParityGate
+    extra: dict = field(default_factory=dict)
+
+
 def write_component(captured: Captured, preset: Preset, bundle_dir: Path, *, progress: bool = True,
                     weight_bytes: dict[str, int] | None = None, compressed: set[str] | None = None,
-                    extra: dict | None = None) -> tuple[Component, ComponentPlan]:
+                    extra: dict | None = None) -> WrittenComponent:
+    """Plan, cut and write every chunk of ``captured`` (the part that needs torch); nothing is run yet."""
     from pocketsd.export import coreml_chunks, onnx_chunks  # noqa: F401  (each registers its writer)
 
     plan = plan_component(captured, preset, weight_bytes)
@@ -103,36 +127,13 @@ def write_component(captured: Captured, preset: Preset, bundle_dir: Path, *, pro
     folder.mkdir()
     job = ComponentJob(captured, plan, chunk_modules, reference_values(captured, chunk_modules), preset, folder,
                        bundle_dir, ParityGate(), progress, weight_bytes, set(compressed or ()), dict(extra or {}))
-    component = _write_and_check(job, WRITERS.get(preset.backend)(job))
-    job.gate.raise_if_failed()
-    return component, plan
-
-
-def _write_and_check(job: ComponentJob, writer: ChunkWriter) -> Component:
-    captured, cid = job.captured, job.captured.spec.id
-    not_run = writer.runnable()
-    chained = {v: x.numpy() for v, x in zip(captured.summary.inputs, captured.example_inputs)}
+    writer = WRITERS.get(preset.backend)(job)
     chunks = []
-    for cm in tqdm(job.chunks, desc=f"  {cid}", unit="chunk", leave=False, disable=not job.progress):
-        example = [job.values[v] for v in cm.plan.input_values]
-        chunk = writer.write(job, cm, example)
-        if not_run is None:
-            session = open_chunk(job.bundle_dir, chunk, writer.session_options())
-            names = [t.name for t in cm.plan.inputs]
-            got = session.run({n: x.numpy() for n, x in zip(names, example)})
-            figures = compare_all([job.values[v].numpy() for v in cm.plan.output_values],
-                                  [got[t.name] for t in cm.plan.outputs])
-            chunk = replace(chunk, parity=job.gate.check(cm.plan.id, figures, job.threshold))
-            got = session.run({n: chained[v] for n, v in zip(names, cm.plan.input_values)})
-            chained.update((v, got[t.name]) for v, t in zip(cm.plan.output_values, cm.plan.outputs))
-            del session
-        chunks.append(chunk)
-    parity, extra = None, dict(job.extra)
-    if not_run is None:
-        figures = compare_all([r.numpy() for r in captured.reference_outputs],
-                              [chained[v] for v in captured.summary.outputs])
-        parity = job.gate.check(f"{cid} (whole)", figures, job.threshold)
-    else:
-        extra["parity_not_run"] = not_run
-    return Component(id=cid, inputs=captured.inputs, outputs=tuple(spec_of(t) for t in job.plan.outputs),
-                     chunks=tuple(chunks), parity=parity, extra=extra)
+    for cm in tqdm(job.chunks, desc=f"  {captured.spec.id}", unit="chunk", leave=False, disable=not progress):
+        chunks.append(writer.write(job, cm, [job.values[v] for v in cm.plan.input_values]))
+    return WrittenComponent(
+        id=captured.spec.id, inputs=captured.inputs, plan=plan, chunks=chunks,
+        values={v: x.numpy() for v, x in job.values.items()}, input_values=tuple(captured.summary.inputs),
+        output_values=tuple(captured.summary.outputs),
+        reference_outputs=tuple(r.numpy() for r in captured.reference_outputs), threshold=job.threshold,
+        writer=writer, gate=job.gate, extra=job.extra)

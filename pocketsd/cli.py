@@ -134,7 +134,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     request = BenchRequest(model=args.model, contenders=tuple(by_names(args.contender)), work=Path(args.work),
                            resolutions=tuple(args.resolution or (256, 512)), preset=args.preset, calls=args.calls,
                            warmup=args.warmup, steps=args.steps, threads=args.threads,
-                           reuse_bundles=args.reuse_bundles, optimum_python=optimum_python(args.optimum_python))
+                           reuse_bundles=args.reuse_bundles, optimum_python=optimum_python(args.optimum_python),
+                           batch_one=not args.no_batch_one)
     with tqdm(total=ticks_expected(request), desc="bench", unit="step", disable=args.quiet) as bar:
         def tick(what: str) -> None:
             bar.set_postfix_str(what)
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "(their export is then not timed)")
     p.add_argument("--optimum-python", help="the python of optimum's environment (default: $POCKETSD_OPTIMUM_PYTHON, "
                                             "else .venv-optimum/bin/python from `make bench-env-optimum`)")
+    p.add_argument("--no-batch-one", action="store_true", help="skip the batch-1 UNet calls (one unguided step) of "
+                                                                "pocketsd's chunked bundle at the largest size")
     p.add_argument("--out", default="results/bench", help="folder for result.json, result.md and chart.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_bench)

@@ -104,10 +104,10 @@ def forget_digests() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The on-disk caches, in one per-user folder (``cache_dir``): verified digests (below), onnxruntime's optimized graphs
-# (sessions.py) and OpenVINO's compiled models (openvino_session.py). POCKETSD_NO_CACHE=1, or
-# ``SessionOptions(disk_cache=False)``, turns all three off: every process then hashes every file once and optimizes
-# or compiles every chunk, as before. Only chunks and files of CACHE_MIN_BYTES or more are cached: below that, a
+# The on-disk caches, in one per-user folder (``cache_dir``): verified digests (below) and onnxruntime's optimized
+# graphs (sessions.py; OpenVINO's compiled models are not cached: openvino_session.py says why). POCKETSD_NO_CACHE=1,
+# or ``SessionOptions(disk_cache=False)``, turns both off: every process then hashes every file once and optimizes
+# every chunk, as before. Only chunks and files of CACHE_MIN_BYTES or more are cached: below that, a
 # hash or an optimization takes milliseconds, and the cache stays a few dozen entries per bundle.
 #
 # The digest cache: a bundle's weights checked by an earlier process are not read again. Hashing the SD 1.5 cpu

@@ -11,6 +11,12 @@ Compile settings, each chosen so that the engine computes what onnxruntime compu
 - ``DYNAMIC_QUANTIZATION_GROUP_SIZE: 0``: for int8 weights OpenVINO would otherwise quantize the activations too
   (measured on the tiny int8 bundle: max abs 0.02 from onnxruntime with it, 2e-6 without);
 - ``PERFORMANCE_HINT: LATENCY``: one request at a time, all threads on it.
+
+Compiled models are not cached on disk (onnxruntime's optimized graphs are: sessions.py). Measured on the SD 1.5
+``cpu`` bundle at 512² (every component opened, three alternated runs each): with OpenVINO's ``CACHE_DIR`` a later
+process loaded in 3.4-4.3 s instead of 5.8-8.1 s, but the first load took 18.8 s (a 4 GB blob written) and the cache
+took 4 GB of disk per bundle and engine; the weightless ``CACHE_MODE: OPTIMIZE_SIZE`` loaded in 6.1 s, no better than
+none. Break-even after about five loads, for a slower first one: not worth it.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class OpenVinoSession:
         self._request = self._compiled.create_infer_request()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # share_inputs: the caller's arrays are read in place (the call is synchronous), not copied first;
         # share_outputs=False: copies, as the request's own output tensors are overwritten by its next run
-        results = self._request.infer(feeds, share_outputs=False)
+        results = self._request.infer(feeds, share_inputs=True, share_outputs=False)
         return {name: results[port] for name, port in self._outputs}

@@ -45,7 +45,7 @@ class SessionOptions:
     low_memory: bool = False  # onnxruntime: no per-session arena nor pattern planning (onnx_session_options)
     compute_units: str = "all"  # CoreML: all | cpu_only | cpu_and_gpu | cpu_and_ne
     verify_hashes: bool = True
-    # The per-user caches of hashing.py (verified digests, optimized graphs, compiled models), used only for chunks
+    # The per-user caches of hashing.py (verified digests, optimized graphs), used only for chunks
     # whose files are verified (``verify_hashes``); POCKETSD_NO_CACHE=1 also turns them off.
     disk_cache: bool = True
     engine: str = "onnxruntime"  # what runs ONNX chunks: onnxruntime | openvino | openvino-bf16 (ENGINES)
@@ -251,22 +251,17 @@ def _cpu_id() -> str:
     return f"{platform.machine()} {platform.processor()} {' '.join(sorted(flags.split(':')[-1].split()))}"
 
 
-def _cache_entry(kind: str, chunk: Chunk, options: SessionOptions, *key: object) -> Path | None:
-    """The ``kind`` cache's entry for ``chunk`` (keyed by ``key`` and the sha256 of every chunk file), or None where
-    it is not cached: small chunks, caches turned off, files not verified (the key would not vouch for them)."""
+def _graph_entry(graph: Path, chunk: Chunk, options: SessionOptions) -> Path | None:
+    """Where this chunk's fully optimized graph is cached, or None where it is not: small chunks, caches turned off,
+    files not verified (the key, which holds the sha256 of every chunk file, would not vouch for them)."""
+    import onnxruntime as ort
+
     if not (options.verify_hashes and disk_cache_enabled(options.disk_cache)):
         return None
     if sum(ref.bytes for ref in chunk.files) < CACHE_MIN_BYTES:
         return None
-    text = json.dumps([*key, [ref.sha256 for ref in chunk.files]])
-    return cache_dir() / kind / f"{chunk.id}-{hashlib.sha256(text.encode()).hexdigest()[:32]}"
-
-
-def _graph_entry(graph: Path, chunk: Chunk, options: SessionOptions) -> Path | None:
-    """Where this chunk's fully optimized onnxruntime graph is cached (``_cache_entry``)."""
-    import onnxruntime as ort
-
-    return _cache_entry("onnxruntime", chunk, options, ort.__version__, _cpu_id(), "ORT_ENABLE_ALL", graph.name)
+    key = [ort.__version__, _cpu_id(), "ORT_ENABLE_ALL", graph.name, [ref.sha256 for ref in chunk.files]]
+    return cache_dir() / "onnxruntime" / f"{chunk.id}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]}"
 
 
 def _cached_session(graph: Path, session_options: Callable[[], Any], entry: Path, size: int) -> Any:
@@ -279,7 +274,11 @@ def _cached_session(graph: Path, session_options: Callable[[], Any], entry: Path
     if sealed(entry):
         used(entry)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done when it was written
-        return ort.InferenceSession(str(entry / _GRAPH), so, providers=providers)
+        try:
+            return ort.InferenceSession(str(entry / _GRAPH), so, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - removed meanwhile by another process's prune: written again
+            log.info("%s: cached graph unusable (%s)", entry.name, exc)
+            so = session_options()
     try:
         staging = staging_for(entry, size)
     except OSError as exc:  # the cache folder cannot be written
@@ -336,8 +335,9 @@ def verify_chunk(bundle_dir: Path, chunk: Chunk, disk_cache: bool = True) -> Non
 
 def open_workers(engine: str) -> int:
     """How many chunks of a component to open at once. OpenVINO compiles two at a time in less time than one after
-    the other (SD 1.5 cpu: X s vs Y s for the UNet's four chunks); onnxruntime took longer (8.9-10.5 s vs 3.8-6.7 s
-    for every chunk: two sessions building their weights fault the same process's memory at once)."""
+    the other (SD 1.5 cpu at 512², the UNet's four chunks, no caches, alternated: 3.23-3.29 s vs 4.50-4.97 s);
+    onnxruntime took longer (8.9-10.5 s vs 3.8-6.7 s for every chunk: two sessions building their weights fault the
+    same process's memory at once)."""
     return 1 if engine == ORT_ENGINE else 2
 
 

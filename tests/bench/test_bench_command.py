@@ -39,7 +39,7 @@ serve({{"info": lambda r: {{"describe": "dies", "versions": {{}}}}, "load": lamb
 
 def _request(model: Path, work: Path, names: list[str]) -> BenchRequest:
     return BenchRequest(model=str(model), contenders=tuple(by_names(names)), work=work, resolutions=(128,),
-                        calls=3, warmup=1, steps=2, reuse_bundles=True, matmul_size=256)
+                        calls=3, warmup=1, steps=2, reuse_bundles=True, matmul_size=256, batch_one=False)
 
 
 def _work_with_bundle(tmp_path: Path, bundle: Path) -> Path:
@@ -96,6 +96,24 @@ def test_bench_measures_contenders_interleaved(tiny_model_dir: Path, tiny_bundle
     assert "| pocketsd-onnxruntime | 4 |" in table and "pocketsd-onnxruntime vs diffusers-torch" in table
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*tmp*"))
+
+
+def test_batch_one_times_pocketsds_chunked_unet_on_a_batch_one_export(tiny_model_dir: Path, tiny_bundle: Path,
+                                                                       tmp_path: Path, recorded):
+    work = _work_with_bundle(tmp_path, tiny_bundle)
+    request = _request(tiny_model_dir, work, ["pocketsd-onnxruntime", "onnxruntime"])
+    result = run_bench(BenchRequest(**{**request.__dict__, "steps": 0, "batch_one": True}), lambda _: None)
+    section = result["batch_one"]
+    bundle = section["bundles"]["batch1"]
+    assert bundle["export"]["exit_code"] == 0 and bundle["dims"]["unet_batch"] == 1
+    assert "unet_batch: 1" in (work / "cpu-batch1.yaml").read_text()
+    (row,) = section["rows"]  # pocketsd's chunked contenders only: the peers are not timed again
+    assert row["contender"] == "pocketsd-onnxruntime" and "error" not in row, row
+    assert len(row["unet_call_s"]["all"]) == 3 and row["unet_chunks"] == 4
+    # half the arithmetic of the batch-2 call (the FLOPs counted from each bundle's own graph)
+    ratio = section["unet_gflop_per_call"] / result["resolutions"][0]["unet_gflop_per_call"]
+    assert 0.49 < ratio < 0.51, ratio
+    assert "## 128×128, UNet batch 1" in markdown(result, "pocketsd bench")
 
 
 def test_a_contender_that_dies_mid_run_is_reported_and_the_others_finish(
