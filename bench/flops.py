@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -81,29 +81,46 @@ def component_flops(bundle: Path, component: str) -> int:
     return sum(graph_flops(bundle / c.file.path) for c in chunks if c.format == "onnx")
 
 
-def matmul_ceiling(threads: int = 0, size: int = 4096, repeats: int = 3) -> dict[str, Any]:
-    """GFLOP/s of a ``size``³ fp32 MatMul in onnxruntime with ``threads`` (0: all cores): the best of ``repeats``
-    after a warm-up run, as the CPU's practical fp32 ceiling."""
-    import onnxruntime as ort
-
+def matmul_ceiling(threads: int = 0, size: int = 4096, repeats: int = 3, engine: str = "onnxruntime") -> dict[str, Any]:
+    """GFLOP/s of a ``size``³ MatMul with ``threads`` (0: all cores): the best of ``repeats`` after a warm-up run, as
+    the CPU's practical ceiling. ``engine`` "onnxruntime" runs it in fp32; "openvino-bf16" in OpenVINO with bf16
+    inference precision, the ceiling of the bf16 engines (fp32 in and out, bf16 arithmetic, as theirs)."""
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, [size, size]) for n in "ab"],
                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mm.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        run = _openvino_bf16_runner(path, threads) if engine == "openvino-bf16" else _onnxruntime_runner(path, threads)
     rng = np.random.default_rng(0)
     feeds = {n: rng.standard_normal((size, size), dtype=np.float32) for n in "ab"}
-    session.run(None, feeds)
+    run(feeds)
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        session.run(None, feeds)
+        run(feeds)
         best = min(best, time.perf_counter() - start)
-    return {"size": size, "threads": threads, "best_s": round(best, 4), "gflops": round(2 * size**3 / best / 1e9, 1)}
+    return {"size": size, "threads": threads, "engine": engine, "best_s": round(best, 4),
+            "gflops": round(2 * size**3 / best / 1e9, 1)}
+
+
+def _onnxruntime_runner(path: Path, threads: int) -> Callable[[dict[str, np.ndarray]], Any]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return lambda feeds: session.run(None, feeds)
+
+
+def _openvino_bf16_runner(path: Path, threads: int) -> Callable[[dict[str, np.ndarray]], Any]:
+    import openvino
+
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    request = openvino.Core().compile_model(str(path), "CPU", config).create_infer_request()
+    return lambda feeds: request.infer(feeds, share_inputs=True)
 
 
 def main(argv: list[str] | None = None) -> int:

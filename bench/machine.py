@@ -59,13 +59,22 @@ def machine_info() -> dict[str, Any]:
             "versions": versions}
 
 
-def memory_available_bytes() -> int | None:
-    """What the kernel says can still be allocated without swapping (MemAvailable), or None off Linux."""
+def _meminfo_bytes(key: str) -> int | None:
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def memory_available_bytes() -> int | None:
+    """What the kernel says can still be allocated without swapping (MemAvailable), or None off Linux."""
+    return _meminfo_bytes("MemAvailable")
+
+
+def memory_total_bytes() -> int | None:
+    """The machine's memory (MemTotal), or None off Linux."""
+    return _meminfo_bytes("MemTotal")

@@ -5,7 +5,8 @@ contender (contenders.py) is started in its own worker process, loaded twice (co
 process; warm: a reload in the same process), warmed up, and then the UNet calls of all contenders that fit in memory
 together are interleaved — A B C A B C … — so that a drifting machine slows them alike. Contenders that do not fit
 beside the others (MemAvailable) run in the next group, and the result says which group each was in. End-to-end
-generation runs each contender alone in a fresh process, whose peak RSS (VmHWM) is the configuration's. The UNet's
+generation runs each contender alone in a fresh process, whose peak RSS (VmHWM) is the configuration's; pocketsd on
+onnxruntime also loads alone in one with an empty cache folder (a bundle copied to a new machine). The UNet's
 FLOPs are counted from its graph, and a large fp32 MatMul gives the machine's ceiling in the same run.
 
 A contender that is not installed is reported as skipped with the reason; one that fails mid-run is reported with
@@ -21,20 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pocketsd.bench.admission import fits_another_now
 from pocketsd.bench.all_presets import run_child
 from pocketsd.bench.contenders import Contender, skip_reason, worker_command
 from pocketsd.bench.flops import component_flops, matmul_ceiling
 from pocketsd.bench.low_memory import component_disk_bytes
-from pocketsd.bench.machine import machine_info, memory_available_bytes
+from pocketsd.bench.machine import machine_info
 from pocketsd.bench.worker_client import WorkerError, WorkerProcess
 from pocketsd.bench.worker_protocol import PROMPT
 from pocketsd.runtime.manifest import load_manifest
 
 Tick = Callable[[str], None]
-# A worker grows past its peak after the warm-up while others run (arenas), and its mapped weights count in RSS and in
-# the page cache alike: on SD 1.5 at 512² four workers admitted with a margin of 1.3× their RSS got one OOM-killed.
-MEMORY_MARGIN = 1.6  # start the next worker only while MemAvailable exceeds the largest peak so far × this ...
-MEMORY_RESERVE = 2e9  # ... plus this much for the bench itself
 
 
 @dataclass(frozen=True)
@@ -172,11 +170,6 @@ def _optimum_export(request: BenchRequest, contender: Contender, spec: dict[str,
     return info
 
 
-def _fits_another(workers: list[WorkerProcess], largest_rss: float) -> bool:
-    available = memory_available_bytes()
-    return available is None or not workers or available > largest_rss * MEMORY_MARGIN + MEMORY_RESERVE
-
-
 def _race(request: BenchRequest, rows: list[Row], specs: dict[str, dict], size: int, tick: Tick,
           keep_outputs: bool = True) -> None:
     """Groups of contenders that fit in memory together; in each, the calls interleaved (with ``keep_outputs``, each
@@ -186,16 +179,21 @@ def _race(request: BenchRequest, rows: list[Row], specs: dict[str, dict], size: 
     while waiting:
         group += 1
         live: list[tuple[Row, WorkerProcess]] = []
-        while waiting and _fits_another([w for _, w in live], largest):
+        peaks: list[float] = []
+        while waiting and fits_another_now(peaks, largest):
             row = waiting.pop(0)
             row.group = group
             worker = _start(request, row, specs[row.contender.name], size, tick)
             if worker is not None:
                 live.append((row, worker))
                 try:
-                    largest = max(largest, worker.request("stats")["peak_rss_mb"] * 1e6)
+                    peak = worker.request("stats")["peak_rss_mb"]
                 except WorkerError as exc:
                     row.error = str(exc)
+                else:
+                    row.figures["peak_rss_admitted_mb"] = peak  # what admission saw (admission.py's GROWTH)
+                    peaks.append(peak * 1e6)
+                    largest = max(largest, peak * 1e6)
         for i in range(request.calls):
             for row, worker in live:
                 if row.error:
@@ -264,6 +262,25 @@ def _end_to_end(request: BenchRequest, row: Row, spec: dict, size: int, tick: Ti
     tick(f"{name} generate")
 
 
+def _loads_without_cache(contender: Contender) -> bool:
+    """pocketsd on onnxruntime, end to end: the contender whose cold start the export's cache warming shortens."""
+    return contender.kind == "pocketsd" and contender.engine == "onnxruntime" and contender.generates
+
+
+def _first_load_no_cache(request: BenchRequest, row: Row, spec: dict, size: int, tick: Tick) -> None:
+    """A fresh process with an empty cache folder (the worker's ``fresh_cache``): the first load on a machine that
+    never opened the bundle (one copied there), where the export has not warmed the cache as it does for
+    ``cold_load_s``."""
+    name = row.contender.name
+    command = worker_command(row.contender, json.dumps({**spec, "fresh_cache": True}), request.optimum_python)
+    with WorkerProcess(name, command, request.work / "logs" / f"{name}-{size}-no-cache.log") as worker:
+        try:
+            row.figures["first_load_no_cache_s"] = worker.request("load")["seconds"]
+        except WorkerError as exc:
+            row.figures["first_load_no_cache_error"] = str(exc)
+    tick(f"{name} load without cache")
+
+
 def one_resolution(request: BenchRequest, model: str, size: int, tick: Tick) -> dict[str, Any]:
     rows = [Row(c, skipped=skip_reason(c, request.optimum_python)) for c in request.contenders]
     needed = sorted({r.contender.uses for r in rows if not r.skipped and r.contender.uses in ("chunked", "unchunked")})
@@ -286,10 +303,11 @@ def one_resolution(request: BenchRequest, model: str, size: int, tick: Tick) -> 
         row.error = bundles["optimum"].get("error")
     _race(request, rows, specs, size, tick)
     _agreement(request, rows, size)
-    if request.steps > 0:
-        for row in rows:
-            if row.contender.generates and not row.skipped and not row.error:
-                _end_to_end(request, row, specs[row.contender.name], size, tick)
+    for row in (r for r in rows if not r.skipped and not r.error):  # each alone, after the interleaved calls
+        if request.steps > 0 and row.contender.generates:
+            _end_to_end(request, row, specs[row.contender.name], size, tick)
+        if _loads_without_cache(row.contender):
+            _first_load_no_cache(request, row, specs[row.contender.name], size, tick)
     counted = next((b for b in bundles.values() if "dims" in b), None)  # a pocketsd bundle: same UNet as the peers
     flops = component_flops(Path(counted["path"]), "unet") if counted else None
     return {"size": size, "bundles": bundles, "unet_gflop_per_call": flops / 1e9 if flops else None,
@@ -322,10 +340,27 @@ def batch_one(request: BenchRequest, model: str, size: int, tick: Tick) -> dict[
     specs = {r.contender.name: _spec(request, r.contender, model, size, bundles) for r in rows}
     for row in rows:
         row.figures.update(unet_chunks=bundles["chunked"]["unet_chunks"])
+    ceilings = _ceilings_now(request, rows, tick)  # just before and just after the calls: the box may drift
     _race(request, rows, specs, size, tick, keep_outputs=False)
+    for engine, ceiling in _ceilings_now(request, rows, tick).items():
+        ceilings[engine] += ceiling
     flops = component_flops(Path(bundles["chunked"]["path"]), "unet")
     return {"size": size, "bundles": {"batch1": bundles["chunked"]}, "unet_gflop_per_call": flops / 1e9,
-            "rows": [r.to_dict() for r in rows]}
+            "matmul_ceiling": ceilings, "rows": [r.to_dict() for r in rows]}
+
+
+def _ceiling_engines(rows: list[Row]) -> list[str]:
+    """The fp32 ceiling always; the bf16 one (OpenVINO) when a bf16 contender runs."""
+    bf16 = any("bf16" in r.contender.engine and not r.skipped and not r.error for r in rows)
+    return ["onnxruntime", *(["openvino-bf16"] if bf16 else [])]
+
+
+def _ceilings_now(request: BenchRequest, rows: list[Row], tick: Tick) -> dict[str, list[dict[str, Any]]]:
+    ceilings = {}
+    for engine in _ceiling_engines(rows):
+        ceilings[engine] = [matmul_ceiling(request.threads, request.matmul_size, engine=engine)]
+        tick("matmul ceiling")
+    return ceilings
 
 
 def run_bench(request: BenchRequest, tick: Tick) -> dict[str, Any]:
@@ -349,6 +384,9 @@ def run_bench(request: BenchRequest, tick: Tick) -> dict[str, Any]:
 
 def ticks_expected(request: BenchRequest) -> int:
     per_size = 2 + len(request.contenders) * (1 + request.calls + (1 if request.steps else 0))
-    batch_one = (1 + len(_batch_one_contenders(request)) * (1 + request.calls)) if request.batch_one else 0
+    per_size += sum(_loads_without_cache(c) for c in request.contenders)
+    contenders = _batch_one_contenders(request)
+    ceilings = 2 * (1 + any("bf16" in c.engine for c in contenders))
+    batch_one = (1 + ceilings + len(contenders) * (1 + request.calls)) if request.batch_one else 0
     return 2 + per_size * len(request.resolutions) + batch_one
 

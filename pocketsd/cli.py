@@ -39,7 +39,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise PresetError("command line: --chunks names a component twice", "give each component once")
     preset = with_overrides(load_preset(args.preset), chunks, args.max_chunk_mb, args.resolution)
     out = export_bundle(ExportRequest(model=args.model, preset=preset, out=Path(args.out), seed=args.seed,
-                                      progress=not args.quiet))
+                                      progress=not args.quiet, warm_cache=not args.no_warm_cache))
     print(f"wrote bundle {out} (preset {preset.name}); see `pocketsd inspect {out}`")
     return 0
 
@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", help="image size HEIGHTxWIDTH (default: the preset's, else the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the parity-check inputs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-warm-cache", action="store_true",
+                   help="do not open the bundle's ONNX chunks once after export to fill onnxruntime's graph cache; "
+                        "the first generate then takes longer")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("generate", help="make an image from a bundle (numpy + onnxruntime only)")

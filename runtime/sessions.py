@@ -9,13 +9,14 @@ CoreML chunk is opened.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import logging
 import platform
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
@@ -34,7 +35,7 @@ from pocketsd.runtime.hashing import (
     staging_for,
     used,
 )
-from pocketsd.runtime.manifest import Chunk
+from pocketsd.runtime.manifest import Chunk, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -365,3 +366,28 @@ def open_chunk(bundle_dir: Path, chunk: Chunk, options: SessionOptions) -> Chunk
         verify_chunk(bundle_dir, chunk, options.disk_cache)
     log.debug("opening %s (%s)", chunk.id, chunk.file.path)
     return BACKENDS.get(chunk.format).open(bundle_dir, chunk, options)
+
+
+def graph_cache_chunks(bundle_dir: Path, manifest: Manifest, options: SessionOptions = SessionOptions()) -> list[Chunk]:
+    """The ONNX chunks whose optimized graph onnxruntime's cache keeps (``_graph_entry``: caches on, hashes
+    verified, chunk large enough)."""
+    return [chunk for component in manifest.components.values() for chunk in component.chunks
+            if chunk.format == "onnx" and _graph_entry(onnx_graph(bundle_dir, chunk), chunk, options) is not None]
+
+
+def warm_graph_cache(bundle_dir: Path, manifest: Manifest, options: SessionOptions = SessionOptions(),
+                     on_chunk: Callable[[Chunk], None] = lambda _chunk: None) -> int:
+    """Open each of ``graph_cache_chunks`` once on onnxruntime, as a load does, so that its optimized graph is cached
+    now and not at the first load (SD 1.5 cpu at 512²: 22.6 s cold, 2.9 s with the cache). Run on the bundle in its
+    final folder: the digests verified on the way are recorded for those paths. One session at a time, so memory
+    stays that of the largest chunk. Returns how many chunks' graphs are in the cache afterwards."""
+    options = replace(options, engine=ORT_ENGINE)
+    cached = 0
+    for chunk in graph_cache_chunks(bundle_dir, manifest, options):
+        session = open_chunk(bundle_dir, chunk, options)
+        del session  # its arena and weights go before the next chunk's
+        gc.collect()
+        entry = _graph_entry(onnx_graph(bundle_dir, chunk), chunk, options)
+        cached += entry is not None and sealed(entry)
+        on_chunk(chunk)
+    return cached

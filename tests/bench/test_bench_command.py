@@ -77,6 +77,9 @@ def test_bench_measures_contenders_interleaved(tiny_model_dir: Path, tiny_bundle
             assert row[key] > 0, key
         assert row["versions"] and row["describe"]
     assert sorted(ours["chunk_s_median"]) == ["unet.00", "unet.01", "unet.02", "unet.03"]
+    # pocketsd on onnxruntime also loads once in a fresh process with an empty cache folder, removed after
+    assert ours["first_load_no_cache_s"] > 0 and "first_load_no_cache_s" not in torch_row
+    assert "pocketsd-onnxruntime load without cache" in ticks and not list(work.glob(".fresh-cache-*"))
     assert ours["unet_chunks"] == 4 and ours["bundle_disk_bytes"] > 0
     # every contender computed the same model: the chunked fp32 bundle matches diffusers' UNet output (export parity
     # of the tiny model is ~1e-6)
@@ -94,6 +97,9 @@ def test_bench_measures_contenders_interleaved(tiny_model_dir: Path, tiny_bundle
     assert json.loads((out / "result.json").read_text())["contenders"] == ["pocketsd-onnxruntime", "diffusers-torch"]
     table = (out / "result.md").read_text()
     assert "| pocketsd-onnxruntime | 4 |" in table and "pocketsd-onnxruntime vs diffusers-torch" in table
+    (cold,) = [line for line in table.splitlines() if "cold start" in line]
+    assert cold.startswith("- pocketsd-onnxruntime: cold start") and ", first load on a machine without its cache " \
+        f"{ours['first_load_no_cache_s']:.2f} s" in cold
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*tmp*"))
 
@@ -107,13 +113,22 @@ def test_batch_one_times_pocketsds_chunked_unet_on_a_batch_one_export(tiny_model
     bundle = section["bundles"]["batch1"]
     assert bundle["export"]["exit_code"] == 0 and bundle["dims"]["unet_batch"] == 1
     assert "unet_batch: 1" in (work / "cpu-batch1.yaml").read_text()
+    rows = {r["contender"]: r for r in result["resolutions"][0]["rows"]}
+    assert rows["pocketsd-onnxruntime"]["first_load_no_cache_s"] > 0  # with steps 0 too: it is a load, no generate
+    assert "first_load_no_cache_s" not in rows["onnxruntime"]
     (row,) = section["rows"]  # pocketsd's chunked contenders only: the peers are not timed again
+    assert "first_load_no_cache_s" not in row
     assert row["contender"] == "pocketsd-onnxruntime" and "error" not in row, row
     assert len(row["unet_call_s"]["all"]) == 3 and row["unet_chunks"] == 4
     # half the arithmetic of the batch-2 call (the FLOPs counted from each bundle's own graph)
     ratio = section["unet_gflop_per_call"] / result["resolutions"][0]["unet_gflop_per_call"]
     assert 0.49 < ratio < 0.51, ratio
-    assert "## 128×128, UNet batch 1" in markdown(result, "pocketsd bench")
+    # the fp32 ceiling measured just before and just after the batch-1 calls (no bf16 contender: no bf16 ceiling)
+    assert [c["engine"] for c in section["matmul_ceiling"]["onnxruntime"]] == ["onnxruntime"] * 2
+    assert "openvino-bf16" not in section["matmul_ceiling"]
+    table = markdown(result, "pocketsd bench")
+    assert "## 128×128, UNet batch 1" in table
+    assert "Large MatMul just before and after these calls: onnxruntime" in table
 
 
 def test_a_contender_that_dies_mid_run_is_reported_and_the_others_finish(
@@ -146,6 +161,23 @@ def test_a_failing_request_is_one_line_and_the_worker_keeps_serving(tmp_path: Pa
             worker.request("load")
         assert str(failed.value).startswith("load: ") and "\n" not in str(failed.value)
         assert worker.request("stats")["peak_rss_mb"] > 0
+
+
+def test_a_fresh_cache_worker_loads_with_a_new_cache_folder_beside_the_bundle_and_removes_it(
+        tiny_bundle: Path, tmp_path: Path):
+    from pocketsd.runtime.manifest import load_manifest
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    spec = {"kind": "pocketsd", "engine": "onnxruntime", "bundle": str(bundle), "threads": 1, "fresh_cache": True,
+            **{k: load_manifest(bundle).dims[k] for k in ("latent_height", "latent_width", "unet_batch",
+                                                          "latent_channels", "text_length", "text_hidden")}}
+    command = [sys.executable, "-m", "pocketsd.bench.worker", json.dumps(spec)]
+    with WorkerProcess("fresh", command, tmp_path / "w.log") as worker:
+        assert worker.request("load")["seconds"] > 0
+        (folder,) = tmp_path.glob(".fresh-cache-*")
+        assert folder.is_dir()
+    assert not folder.exists()
 
 
 def test_a_missing_package_skips_its_contender(monkeypatch: pytest.MonkeyPatch):

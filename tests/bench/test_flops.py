@@ -63,3 +63,9 @@ def test_the_matmul_ceiling_and_the_cli(tiny_bundle: Path, capsys):
     assert main([str(tiny_bundle)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["gflop_per_call"] > 0 and out["matmul_ceiling"]["size"] == 4096
+
+
+def test_the_bf16_matmul_ceiling_runs_on_openvino():
+    pytest.importorskip("openvino", reason="the bf16 ceiling is measured with OpenVINO (the [openvino] extra)")
+    ceiling = matmul_ceiling(threads=1, size=256, repeats=2, engine="openvino-bf16")
+    assert ceiling["engine"] == "openvino-bf16" and ceiling["gflops"] > 0 and ceiling["best_s"] > 0
