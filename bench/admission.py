@@ -39,3 +39,28 @@ def fits_another(peaks: Sequence[float], largest: float, available: float | None
 def fits_another_now(peaks: Sequence[float], largest: float) -> bool:
     """``fits_another`` with this machine's memory as the kernel reports it now."""
     return fits_another(peaks, largest, memory_available_bytes(), memory_total_bytes())
+
+
+def admission_units(names: Sequence[str]) -> list[list[int]]:
+    """Indices into ``names``, in order, grouped so that a contender and its ``-1chunk`` twin (the same engine on the
+    unchunked bundle) are admitted to the same group: chunked against unchunked is only a fair ratio when their
+    calls interleave. Every other contender is a unit of its own."""
+    index = {name: i for i, name in enumerate(names)}
+    units = []
+    for i, name in enumerate(names):
+        if name.endswith("-1chunk") and name.removesuffix("-1chunk") in index:
+            continue  # admitted with its chunked contender
+        twin = index.get(f"{name}-1chunk")
+        units.append([i] if twin is None else [i, twin])
+    return units
+
+
+def fits_unit(peaks: Sequence[float], largest: float, members: int, available: float | None,
+              total: float | None) -> bool:
+    """Whether ``members`` more workers, each counted as large as the largest so far, fit beside ``peaks``."""
+    return fits_another([*peaks, *[largest] * (members - 1)], largest, available, total)
+
+
+def fits_unit_now(peaks: Sequence[float], largest: float, members: int) -> bool:
+    """``fits_unit`` with this machine's memory as the kernel reports it now."""
+    return fits_unit(peaks, largest, members, memory_available_bytes(), memory_total_bytes())

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pocketsd.bench.admission import fits_another_now
+from pocketsd.bench.admission import admission_units, fits_unit_now
 from pocketsd.bench.all_presets import run_child
 from pocketsd.bench.contenders import Contender, skip_reason, worker_command
 from pocketsd.bench.flops import component_flops, matmul_ceiling
@@ -174,14 +174,17 @@ def _race(request: BenchRequest, rows: list[Row], specs: dict[str, dict], size: 
           keep_outputs: bool = True) -> None:
     """Groups of contenders that fit in memory together; in each, the calls interleaved (with ``keep_outputs``, each
     one's first output saved for ``_agreement``)."""
-    waiting = [r for r in rows if not r.skipped and not r.error]
+    runnable = [r for r in rows if not r.skipped and not r.error]
+    waiting = [[runnable[i] for i in unit] for unit in admission_units([r.contender.name for r in runnable])]
     group, largest = 0, 0.0
     while waiting:
         group += 1
         live: list[tuple[Row, WorkerProcess]] = []
         peaks: list[float] = []
-        while waiting and fits_another_now(peaks, largest):
-            row = waiting.pop(0)
+        while waiting and fits_unit_now(peaks, largest, len(waiting[0])):
+            row, *twin = waiting.pop(0)
+            if twin:  # next, checked against the real peaks (if it no longer fits, it leads the next group)
+                waiting.insert(0, twin)
             row.group = group
             worker = _start(request, row, specs[row.contender.name], size, tick)
             if worker is not None:

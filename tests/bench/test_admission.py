@@ -1,6 +1,6 @@
 """Which workers run side by side (bench/admission.py), on the figures that motivated each check."""
 
-from pocketsd.bench.admission import fits_another
+from pocketsd.bench.admission import admission_units, fits_another, fits_unit
 
 GB = 1e9
 BOX = 25.3 * GB  # this project's bench machine
@@ -33,3 +33,17 @@ def test_the_largest_worker_of_an_earlier_group_still_counts():
 def test_unknown_memory_figures_skip_their_check():
     assert fits_another([7 * GB, 7 * GB], largest=7 * GB, available=None, total=None)
     assert not fits_another([7 * GB, 7 * GB], largest=7 * GB, available=None, total=BOX)
+
+
+def test_a_chunked_contender_and_its_unchunked_twin_are_one_unit():
+    names = ["pocketsd-onnxruntime", "onnxruntime", "pocketsd-onnxruntime-1chunk", "pocketsd-openvino-1chunk",
+             "openvino"]
+    assert admission_units(names) == [[0, 2], [1], [3], [4]]
+
+
+def test_a_unit_of_two_needs_room_for_two():
+    # one 7 GB worker running: a single newcomer fits, a chunked/unchunked pair (counted 7 GB each) does not
+    assert fits_unit([7 * GB], largest=7 * GB, members=1, available=16 * GB, total=BOX)
+    assert not fits_unit([7 * GB], largest=7 * GB, members=2, available=16 * GB, total=BOX)
+    # a fresh group takes a pair as large as the largest worker so far
+    assert fits_unit([], largest=7 * GB, members=2, available=23 * GB, total=BOX)
