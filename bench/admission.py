@@ -57,7 +57,11 @@ def admission_units(names: Sequence[str]) -> list[list[int]]:
 
 def fits_unit(peaks: Sequence[float], largest: float, members: int, available: float | None,
               total: float | None) -> bool:
-    """Whether ``members`` more workers, each counted as large as the largest so far, fit beside ``peaks``."""
+    """Whether ``members`` more workers, each counted as large as the largest so far, fit beside ``peaks``. The
+    first of a group always may start (else a pair larger than the box would never run): its twin is then checked
+    against its real peak."""
+    if not peaks:
+        return True
     return fits_another([*peaks, *[largest] * (members - 1)], largest, available, total)
 
 
