@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from pocketsd.contract import TEXT_ENCODER_IO, UNET_IO
+
 # dims → shape, per feature; "batch" is the UNet batch (1: two calls per step for guidance, 2: one call)
 Shape = Callable[[dict[str, int]], tuple[int, ...]]
 
@@ -39,11 +41,12 @@ def _latent(d: dict[str, int]) -> tuple[int, ...]:
 MODELS: tuple[ModelContract, ...] = (
     ModelContract("TextEncoder", "text_encoder", True,
                   (Feature(None, "float32", lambda d: (1, d["text_length"])),),
-                  (Feature("last_hidden_state", "float32", lambda d: (1, d["text_length"], d["text_hidden"])),)),
+                  (Feature(TEXT_ENCODER_IO.last_hidden_state, "float32",
+                           lambda d: (1, d["text_length"], d["text_hidden"])),)),
     ModelContract("Unet", "unet", True,
-                  (Feature("sample", "float32", _latent),
-                   Feature("timestep", "float32", lambda d: (d["unet_batch"],)),
-                   Feature("encoder_hidden_states", "float32",
+                  (Feature(UNET_IO.sample, "float32", _latent),
+                   Feature(UNET_IO.timestep, "float32", lambda d: (d["unet_batch"],)),
+                   Feature(UNET_IO.encoder_hidden_states, "float32",
                            lambda d: (d["unet_batch"], d["text_hidden"], 1, d["text_length"]))),
                   (Feature(None, "float32", _latent),), single_output=True),
     ModelContract("VAEDecoder", "vae_decoder", True,

@@ -24,7 +24,8 @@ from pocketsd.apple.contract import MAX_UNET_CHUNKS, MODELS, TOKENIZER_FILES, ch
 from pocketsd.errors import BundleError, UserError
 from pocketsd.runtime.hashing import sha256_path, size_of
 from pocketsd.runtime.manifest import Component, FileRef, Manifest, load_manifest
-from pocketsd.staging import staged_folder
+from pocketsd.runtime.tokenizer import TOKENIZER_JSON
+from pocketsd.staging import check_target, staged_folder
 
 log = logging.getLogger(__name__)
 NOT_COMPILED = ("not compiled: .mlmodelc needs macOS with Xcode's command line tools (xcrun coremlcompiler); run "
@@ -71,8 +72,11 @@ def _rewritten(component: Component, names: list[str], root: Path) -> Component:
 
 
 def write_resources(bundle_dir: str | Path, out_dir: str | Path, compile_models: bool = True) -> dict[str, Any]:
-    bundle, out = Path(bundle_dir), Path(out_dir)
+    bundle, out = Path(bundle_dir), check_target(out_dir, "Resources")  # before reading anything
     manifest = load_manifest(bundle)
+    if out.resolve().is_relative_to(bundle.resolve()):  # it would copy the bundle into itself
+        raise UserError(f"--out {out} is inside the bundle {bundle}", "write the Resources folder outside the bundle",
+                        code="apple")
     names = _apple_files(manifest)
     with staged_folder(out, "Resources") as staging:
         report = _fill(bundle, manifest, names, staging, compile_models)
@@ -88,7 +92,8 @@ def _fill(bundle: Path, manifest: Manifest, names: dict[str, list[str]], root: P
             package = root / f"{name}.mlpackage"
             compiled[name] = _compile(package, root) if compile_models else "not compiled: asked not to"
     tokenizer = {}
-    for name in TOKENIZER_FILES:
+    # Swift reads vocab.json and merges.txt; tokenizer.json goes along for loaders that read our manifest.
+    for name in (*TOKENIZER_FILES, TOKENIZER_JSON):
         ref = manifest.tokenizer["files"].get(name)
         if ref is None:
             raise BundleError(f"the bundle's tokenizer has no {name}", "re-export the bundle")
@@ -108,7 +113,7 @@ def _fill(bundle: Path, manifest: Manifest, names: dict[str, list[str]], root: P
 
 def check_layout(root: str | Path) -> list[str]:
     """Everything in a Resources folder that Apple's Swift pipeline would not load or would misread."""
-    from pocketsd.export.coreml_checks import read_spec
+    from pocketsd.export.backends.coreml.check import read_spec
 
     root = Path(root)
     manifest = load_manifest(root)

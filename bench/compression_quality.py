@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pocketsd.export.components import SD_COMPONENTS
-from pocketsd.export.compress_component import compress_component
-from pocketsd.export.compression import parse_compression
+from pocketsd.export.compression.coreml_component import compress_component
+from pocketsd.export.compression.coreml_optimize import parse_compression
 from pocketsd.export.exporter import resolve_dims
 from pocketsd.export.model_loader import load_module, open_model_folder
 from pocketsd.export.preset import load_preset, with_overrides

@@ -30,6 +30,7 @@ from pocketsd.bench.low_memory import component_disk_bytes
 from pocketsd.bench.machine import machine_info
 from pocketsd.bench.worker_client import WorkerError, WorkerProcess
 from pocketsd.bench.worker_protocol import PROMPT
+from pocketsd.contract import UNET_IO
 from pocketsd.runtime.manifest import load_manifest
 
 Tick = Callable[[str], None]
@@ -114,7 +115,7 @@ def _bundle(request: BenchRequest, model: str, size: int, uses: str, tick: Tick,
     info.update(disk_bytes=sum(component_disk_bytes(path).values()), unet_chunks=len(manifest.component("unet").chunks),
                 dims=manifest.dims, unet_onnx=str(path / manifest.component("unet").chunks[0].file.path),
                 context_layout="bc1s" if len(next(t for t in manifest.component("unet").inputs
-                                                   if t.name == "encoder_hidden_states").shape) == 4 else "bsc")
+                                                   if t.name == UNET_IO.encoder_hidden_states).shape) == 4 else "bsc")
     return info
 
 

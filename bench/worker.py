@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pocketsd.bench.worker_protocol import Handler, serve, timed, timed_call, unet_inputs
+from pocketsd.contract import UNET_IO
 
 Spec = dict[str, Any]
 
@@ -36,8 +37,8 @@ def _inputs(spec: Spec) -> dict[str, np.ndarray]:
     feeds = unet_inputs(spec["latent_height"], spec["latent_width"], spec["unet_batch"], spec["latent_channels"],
                         spec["text_length"], spec["text_hidden"])
     if spec.get("context_layout") == "bc1s":
-        states = feeds["encoder_hidden_states"]
-        feeds["encoder_hidden_states"] = np.ascontiguousarray(states.transpose(0, 2, 1)[:, :, None, :])
+        states = feeds[UNET_IO.encoder_hidden_states]
+        feeds[UNET_IO.encoder_hidden_states] = np.ascontiguousarray(states.transpose(0, 2, 1)[:, :, None, :])
     return feeds
 
 
@@ -86,7 +87,7 @@ def pocketsd_worker(spec: Spec) -> dict[str, Handler]:
 
         runner.policy.run = timed_run  # type: ignore[method-assign]  # the bench's own instance, restored below
         try:
-            answer = timed_call(lambda: runner(**state["feeds"]), request, lambda out: out["noise_pred"])
+            answer = timed_call(lambda: runner(**state["feeds"]), request, lambda out: out[UNET_IO.noise_pred])
         finally:
             del runner.policy.run
         return {**answer, "chunks": chunks}
@@ -174,8 +175,8 @@ def diffusers_worker(spec: Spec) -> dict[str, Handler]:
     def call(request: dict[str, Any]) -> dict[str, Any]:
         unet, feeds = state["pipe"].unet, state["feeds"]
         with torch.inference_mode():
-            return timed_call(lambda: unet(feeds["sample"], feeds["timestep"],
-                                           encoder_hidden_states=feeds["encoder_hidden_states"]),
+            return timed_call(lambda: unet(feeds[UNET_IO.sample], feeds[UNET_IO.timestep],
+                                           encoder_hidden_states=feeds[UNET_IO.encoder_hidden_states]),
                               request, lambda out: out.sample.numpy())
 
     def generate(request: dict[str, Any]) -> dict[str, Any]:

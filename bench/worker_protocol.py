@@ -14,20 +14,42 @@ sends one JSON object per line on the worker's stdin and reads one JSON object p
 
 A failure answers ``{"ok": false, "error": "<one line>"}`` and the worker goes on serving. Times are measured inside
 the worker, so they exclude the pipe. This module imports only the standard library and numpy: workers that run in
-another Python environment (optimum's, whose pins may clash with ours) import it by path.
+another Python environment (optimum's, whose pins may clash with ours) import it by path, and it then loads the
+tensor names from pocketsd/contract.py (standard library only) by path too.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+
+def _contract() -> Any:
+    """pocketsd.contract, imported, or where pocketsd is not installed loaded from its file beside this folder
+    (``pocketsd/contract.py`` in the source tree, ``contract.py`` one level up once installed)."""
+    try:
+        import pocketsd.contract as contract
+
+        return contract
+    except ImportError:
+        here = Path(__file__).resolve().parent
+        path = next(p for p in (here.parent / "pocketsd" / "contract.py", here.parent / "contract.py") if p.exists())
+        spec = importlib.util.spec_from_file_location("pocketsd_contract", path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[spec.name] = module  # type: ignore[union-attr]  # dataclasses look their module up here
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return module
+
+
+UNET_IO = _contract().UNET_IO
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
@@ -40,9 +62,10 @@ def unet_inputs(latent_height: int, latent_width: int, batch: int = 2, latent_ch
     timestep ``TIMESTEP`` for every row (float32: a worker casts it to what its model takes) and seeded text states
     (their values do not change the time; their shapes do)."""
     rng = np.random.default_rng(seed)
-    return {"sample": rng.standard_normal((batch, latent_channels, latent_height, latent_width), dtype=np.float32),
-            "timestep": np.full((batch,), TIMESTEP, dtype=np.float32),
-            "encoder_hidden_states": rng.standard_normal((batch, text_length, text_hidden), dtype=np.float32)}
+    return {UNET_IO.sample: rng.standard_normal((batch, latent_channels, latent_height, latent_width),
+                                                dtype=np.float32),
+            UNET_IO.timestep: np.full((batch,), TIMESTEP, dtype=np.float32),
+            UNET_IO.encoder_hidden_states: rng.standard_normal((batch, text_length, text_hidden), dtype=np.float32)}
 
 
 def memory_mb() -> dict[str, float]:

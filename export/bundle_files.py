@@ -1,4 +1,4 @@
-"""Files of a bundle besides the chunks: tokenizer copies and the saved split plan, each with its sha256."""
+"""Files of a bundle besides the chunks: the tokenizer and the saved split plan, each with its sha256."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from pocketsd.export.model_loader import ModelFolder
+from pocketsd.export.tokenizer_files import write_tokenizer_json
 from pocketsd.runtime.hashing import sha256_path, size_of
 from pocketsd.runtime.manifest import FileRef
+from pocketsd.runtime.tokenizer import TOKENIZER_JSON
 
 PLAN_NAME = "plan.json"
 
@@ -19,12 +21,16 @@ def file_ref(bundle_dir: Path, path: Path) -> FileRef:
 
 
 def write_tokenizer(folder: ModelFolder, bundle_dir: Path, max_length: int) -> dict[str, Any]:
+    """The runtime reads ``tokenizer.json``; the model's own files are copied beside it for Apple's Swift pipeline
+    (``vocab.json``, ``merges.txt``) and to show where the tokenizer came from."""
     target = bundle_dir / "tokenizer"
     target.mkdir()
-    files = {}
+    written = []
     for name, source in folder.tokenizer_files().items():
         shutil.copyfile(source, target / name)
-        files[name] = file_ref(bundle_dir, target / name)
+        written.append(target / name)
+    written.append(write_tokenizer_json(folder.path / "tokenizer", target / TOKENIZER_JSON, max_length))
+    files = {path.name: file_ref(bundle_dir, path) for path in written}
     return {"kind": "clip-bpe", "files": files, "max_length": max_length}
 
 

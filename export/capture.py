@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
 
+from pocketsd.contract import DTYPES
 from pocketsd.export.components.base import ComponentSpec, Dims, IOSpec
 from pocketsd.export.graph_summary import GraphSummary, summarize
 from pocketsd.runtime.manifest import TensorSpec
 
 log = logging.getLogger(__name__)
-_TORCH_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32, "float16": torch.float16}
+_TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 @dataclass
@@ -52,12 +54,16 @@ def example_inputs(spec: ComponentSpec, dims: Dims, seed: int = 0) -> tuple[torc
     return tuple(example_value(io, spec.shape(io, dims), dims, generator) for io in spec.inputs)
 
 
+def as_outputs(result: Any) -> tuple[torch.Tensor, ...]:
+    """A model's result as a tuple of tensors: one tensor, or a tuple or list of them."""
+    return (result,) if isinstance(result, torch.Tensor) else tuple(result)
+
+
 def run_component(spec: ComponentSpec, model: torch.nn.Module, examples: tuple[torch.Tensor, ...]
                   ) -> tuple[torch.Tensor, ...]:
     """The component's outputs in eager PyTorch (through its wrapper), always as a tuple."""
     with torch.no_grad():
-        outputs = spec.make_wrapper(model).eval()(*examples)
-    return outputs if isinstance(outputs, tuple) else (outputs,)
+        return as_outputs(spec.make_wrapper(model).eval()(*examples))
 
 
 def capture(spec: ComponentSpec, model: torch.nn.Module, dims: Dims, seed: int = 0) -> Captured:

@@ -1,8 +1,8 @@
 """``export_bundle``: diffusers folder → capture → plan → write → parity gate → bundle, for each component.
 
-The bundle is assembled in a staging folder beside ``--out`` and renamed into place only when every chunk and
-component passed its parity check; on any failure (or Ctrl-C) the staging folder is removed and ``--out`` is
-untouched.
+The bundle is assembled in a staging folder beside ``--out`` and renamed into place only when every lossy step passed
+its quality gate, every chunk and component its parity check, and one denoising step ran through the runtime; on any
+failure (or Ctrl-C) the staging folder is removed and ``--out`` is untouched.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import gc
 import logging
 import tempfile
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pocketsd import __version__
 from pocketsd.errors import PresetError
+from pocketsd.export.backends.base import Prepared, backend_for
 from pocketsd.export.bundle_files import file_ref, write_plan, write_tokenizer
 from pocketsd.export.capture import capture
 from pocketsd.export.check_component import check_component
@@ -27,7 +28,8 @@ from pocketsd.export.components.group_norm_stats import STATS_INPUT, group_norm_
 from pocketsd.export.components.vae_decoder import HEAD_ID, HEAD_OUTPUT, HEAD_SPEC, TAIL_SPEC
 from pocketsd.export.model_loader import ModelFolder, load_module, open_model_folder
 from pocketsd.export.preset import Preset
-from pocketsd.export.read_back import read_back
+from pocketsd.export.read_back import check_scheduler, read_back
+from pocketsd.export.round_trip import round_trip
 from pocketsd.export.write_component import WrittenComponent, write_component
 from pocketsd.runtime.manifest import SCHEMA_VERSION, Manifest, load_manifest
 from pocketsd.runtime.sessions import graph_cache_chunks, warm_graph_cache
@@ -129,10 +131,15 @@ def _module_for(folder: ModelFolder, components: tuple[str, ...], index: int, ke
 
 
 def export_bundle(request: ExportRequest) -> Path:
+    """Every check raises inside the staging folder, before its rename: the scheduler config first (seconds), then
+    the lossy steps' quality gates and the parity gate per component, the runtime reading the manifest back, and one
+    denoising step through the runtime (export/round_trip.py)."""
     with staged_folder(request.out, "bundle") as staging, ExitStack() as stack:
         folder, source = _model_folder(request.model, stack)
+        check_scheduler(folder.scheduler_config.get("_class_name"), folder.scheduler_config,
+                        str(folder.path / "scheduler" / "scheduler_config.json"))
         _export_into(folder, source, request, staging).write(staging)
-        read_back(staging)
+        round_trip(staging, read_back(staging))
     if request.warm_cache:
         _warm_cache(Path(request.out), request.progress)
     return Path(request.out)
@@ -155,45 +162,13 @@ def _warm_cache(bundle: Path, progress: bool) -> None:
                     type(exc).__name__, " ".join(str(exc).split()), bundle)
 
 
-@dataclass
-class Prepared:
-    """A component's module made ready for capture, and what the planner and writer need to know about it."""
-
-    model: Any
-    weight_bytes: dict[str, int] | None = None  # stored bytes per parameter, when they differ from fp32
-    compressed: set[str] = field(default_factory=set)  # parameters stored compressed (palettized / quantized)
-    extra: dict[str, Any] = field(default_factory=dict)  # component-level figures for the manifest
-
-
 def _prepare(spec: ComponentSpec, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
-    """Attention form (every backend), then the lossy step of the backend, before capture and cut so that chunks
-    balance by their stored bytes: CoreML compression, or ONNX weight quantization."""
+    """Attention form (every backend), then the backend's lossy step (CoreML compression, ONNX weight quantization),
+    before capture and cut so that chunks balance by their stored bytes."""
     from pocketsd.export.components.attention import set_attention
 
     set_attention(model, preset.attention.form, slice_mb=preset.attention.slice_mb)
-    if preset.backend == "coreml":
-        return _prepare_for_coreml(spec, model, dims, preset, seed)
-    if spec.settings_id in preset.quantize:
-        return _prepare_for_onnx(spec, model, dims, preset, seed)
-    return Prepared(model)
-
-
-def _prepare_for_coreml(spec: ComponentSpec, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
-    from pocketsd.export.compress_component import compress_component, stored_bytes_only
-
-    config = preset.coreml.compression.get(spec.settings_id)
-    if config is None:
-        return Prepared(model, stored_bytes_only(model, preset.precision))
-    done = compress_component(spec, model, dims, config, preset.precision, seed)
-    return Prepared(done.model, done.stored_bytes, done.compressed, {"compression": done.report})
-
-
-def _prepare_for_onnx(spec: ComponentSpec, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
-    """ONNX weight quantization (int8 / int4): quantized in PyTorch before the cut, gated against fp32."""
-    from pocketsd.export.weight_quantization import quantize_component
-
-    done = quantize_component(spec, model, dims, preset.quantize[spec.settings_id], seed)
-    return Prepared(done.model, done.stored_bytes, done.compressed, {"quantization": done.report})
+    return backend_for(preset.backend).prepare(spec, model, dims, preset, seed)
 
 
 def _write_with_torch(component_id: str, model: Any, dims: Dims, request: ExportRequest,
@@ -203,8 +178,11 @@ def _write_with_torch(component_id: str, model: Any, dims: Dims, request: Export
     spec = component_spec(component_id, model, dims, preset)
     prepared = _prepare(spec, model, dims, preset, request.seed)
     captured = capture(spec, prepared.model, dims, seed=request.seed)
-    return write_component(captured, preset, staging, progress=request.progress, weight_bytes=prepared.weight_bytes,
-                           compressed=prepared.compressed, extra={**prepared.extra, **_tiling_extra(spec, dims)})
+    written = write_component(captured, preset, staging, progress=request.progress,
+                              weight_bytes=prepared.weight_bytes, compressed=prepared.compressed,
+                              extra={**prepared.extra, **_tiling_extra(spec, dims)})
+    written.fp32 = prepared.fp32
+    return written
 
 
 def _export_into(folder: ModelFolder, source: str, request: ExportRequest, staging: Path) -> Manifest:

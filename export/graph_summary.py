@@ -11,11 +11,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from pocketsd.contract import DTYPE_BYTES, DTYPES
 from pocketsd.export.components.base import WRAPPED
 
-_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.int64": "int64", "torch.int32": "int32",
-           "torch.bool": "bool"}
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "bool": 1}
+_DTYPES = {f"torch.{name}": name for name in DTYPES}  # str(tensor.dtype) → the contract's name
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class Value:
         size = 1
         for dim in self.shape:
             size *= dim
-        return size * _DTYPE_BYTES.get(self.dtype, 4)
+        return size * DTYPE_BYTES.get(self.dtype, 4)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ file, the key path and what is allowed. Nothing is warned about and dropped. CLI
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -15,7 +16,9 @@ from typing import Any, Mapping
 
 import yaml
 
+from pocketsd.contract import COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS, DEFAULT_DEPLOYMENT_TARGET, DEPLOYMENT_TARGETS
 from pocketsd.errors import PresetError
+from pocketsd.export.compression.quality_gates import QUANT_MIN_PSNR_DB
 from pocketsd.export.split_strategies import SplitRequest
 from pocketsd.runtime.execution import MEMORY_POLICIES
 
@@ -74,12 +77,7 @@ class VaeTiling:
 
 
 QUANT_MODES = ("int8", "int4")
-# Quality gate of ONNX weight quantization: the quantized component against fp32, on the seeded export inputs.
-# Calibrated on the SD 1.5 architecture with random weights (the worst case: no structure), 256x256, seed 0:
-# int8 — UNet 50.4, text encoder 42.4, VAE decoder 50.0, encoder 50.0 dB; int4 (blocks of 32..256) — UNet
-# 25.4-25.7, text encoder 18.8-20.5, VAE 25.3-25.7 dB. Each lost bit costs ~6 dB, so 35 dB catches an int8 grid
-# coarser by 1-2 bits (or an int4 one), 15 dB an int4 grid gone wrong, with ≥ 3.8 dB to spare on every component.
-QUANT_MIN_PSNR_DB = {"int8": 35.0, "int4": 15.0}
+# The quality gate's defaults (quantized component vs fp32) and their calibration: export/compression/quality_gates.py.
 
 
 @dataclass(frozen=True)
@@ -92,14 +90,10 @@ class WeightQuantization:
     min_psnr_db: float = 35.0
 
 
-COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
-DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
-
-
 @dataclass(frozen=True)
 class CoreMLConfig:
-    deployment_target: str = "iOS17"
-    compute_units: str = "all"  # the runtime's default on macOS
+    deployment_target: str = DEFAULT_DEPLOYMENT_TARGET
+    compute_units: str = DEFAULT_COMPUTE_UNITS  # the runtime's default on macOS
     attention: str = "original"  # attention::original (GPU) or attention::split_einsum (Neural Engine)
     compression: Mapping[str, Any] = field(default_factory=dict)  # component id → CompressionConfig
 
@@ -157,7 +151,8 @@ class _Reader:
     def __init__(self, data: Any, source: str, path: str = "") -> None:
         self.source, self.path = source, path
         if not isinstance(data, dict):
-            self.fail(f"must be a mapping, not {type(data).__name__}")
+            self.fail("is empty" if data is None else f"must be a mapping, not {_shown(data)}",
+                      "write key: value lines here (see the presets in split_configs/)")
         self.data = data
 
     def fail(self, what: str, hint: str | None = None) -> None:
@@ -171,11 +166,13 @@ class _Reader:
                 raise PresetError(f"{self.source}: unknown key {child!r}", f"allowed here: {', '.join(allowed)}")
 
     def child(self, key: str) -> "_Reader":
-        return _Reader(self.data.get(key) or {}, self.source, f"{self.path}.{key}" if self.path else key)
+        value = self.data.get(key)  # absent or null: defaults; any other non-mapping is refused, not read as {}
+        return _Reader({} if value is None else value, self.source, f"{self.path}.{key}" if self.path else key)
 
     def choice(self, key: str, allowed: tuple[Any, ...], default: Any) -> Any:
         value = self.data.get(key, default)
-        if value not in allowed:
+        # by type too: 1 == True and 2.0 == 2 in Python, but `low_memory: 1` is not a boolean
+        if not any(value == a and type(value) is type(a) for a in allowed):
             self.at(key).fail(f"is {value!r}", f"allowed: {', '.join(map(str, allowed))}")
         return value
 
@@ -183,7 +180,8 @@ class _Reader:
         value = self.data.get(key, default)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or (kind is int and value != int(value))):
             self.at(key).fail(f"is {value!r}, not a{'n integer' if kind is int else ' number'}")
         if value < minimum:
             self.at(key).fail(f"is {value}, below the minimum {minimum}")
@@ -226,10 +224,7 @@ def preset_from_dict(data: Any, source: str) -> Preset:
     top.only(_TOP_KEYS)
     backend = top.choice("backend", BACKENDS, "onnx")
     precision = top.choice("precision", PRECISIONS[backend], "fp32")
-    components = tuple(top.data.get("components", COMPONENT_IDS))
-    for c in components:
-        if c not in COMPONENT_IDS:
-            top.at("components").fail(f"names unknown component {c!r}", f"known: {', '.join(COMPONENT_IDS)}")
+    components = _components(top)
     split_reader = top.child("split")
     split_reader.only((*COMPONENT_IDS, "default"))
     split = {key: _split_request(split_reader.child(key)) for key in split_reader.data}
@@ -254,8 +249,8 @@ def preset_from_dict(data: Any, source: str) -> Preset:
         top.at("vae_tiling").fail("is set but backend is coreml",
                                   "Apple's Swift pipeline runs the VAE untiled; remove vae_tiling for CoreML presets")
     return Preset(
-        name=str(top.data.get("name") or Path(source).stem), source=source, backend=backend, precision=precision,
-        description=str(top.data.get("description", "")),
+        name=_text(top, "name") or Path(source).stem, source=source, backend=backend, precision=precision,
+        description=_text(top, "description"),
         resolution=parse_resolution(top.data.get("resolution"), top.at("resolution")),
         unet_batch=top.choice("unet_batch", (1, 2), 2), components=components, split=split,
         parity=ParityConfig(par.number("min_psnr_db", 60.0, float),
@@ -263,6 +258,33 @@ def preset_from_dict(data: Any, source: str) -> Preset:
         runtime=RuntimeConfig(run.number("threads", 0, int), low, memory), coreml=coreml,
         attention=attention, vae_tiling=tiling, quantize=quantize,
     )
+
+
+def _components(top: _Reader) -> tuple[str, ...]:
+    """``components``: a list of component ids. A mapping is refused, not read as its keys."""
+    value = top.data.get("components", list(COMPONENT_IDS))
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+        top.at("components").fail(f"is {_shown(value)}, not a non-empty list of component ids",
+                                  f"a list of: {', '.join(COMPONENT_IDS)}")
+    for c in value:
+        if c not in COMPONENT_IDS:
+            top.at("components").fail(f"names unknown component {c!r}", f"known: {', '.join(COMPONENT_IDS)}")
+    if len(set(value)) != len(value):
+        top.at("components").fail(f"names a component twice ({', '.join(value)})", "give each component once")
+    return tuple(value)
+
+
+def _text(top: _Reader, key: str) -> str:
+    value = "" if top.data.get(key) is None else top.data.get(key)
+    if not isinstance(value, str):
+        top.at(key).fail(f"is {_shown(value)}, not text", "quote it: key: \"text\"")
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A value as the error names it: its YAML kind, and the value where it is short."""
+    kinds = {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", int: "a number", float: "a number"}
+    return kinds.get(type(value), type(value).__name__) + (f" ({value!r})" if len(repr(value)) <= 40 else "")
 
 
 def _attention_config(top: _Reader, coreml: CoreMLConfig) -> AttentionConfig:
@@ -312,13 +334,14 @@ def _quantize_config(reader: _Reader, components: tuple[str, ...]) -> dict[str, 
 
 def _coreml_config(reader: _Reader, components: tuple[str, ...]) -> CoreMLConfig:
     reader.only(("deployment_target", "compute_units", "attention", "compression"))
-    target = reader.choice("deployment_target", DEPLOYMENT_TARGETS, "iOS17")
+    target = reader.choice("deployment_target", tuple(DEPLOYMENT_TARGETS), DEFAULT_DEPLOYMENT_TARGET)
     compression = reader.child("compression")
     compression.only(components)
-    from pocketsd.export.compression import parse_compression
+    from pocketsd.export.compression.coreml_optimize import parse_compression
 
     return CoreMLConfig(
-        deployment_target=target, compute_units=reader.choice("compute_units", COMPUTE_UNITS, "all"),
+        deployment_target=target,
+        compute_units=reader.choice("compute_units", tuple(COMPUTE_UNITS), DEFAULT_COMPUTE_UNITS),
         attention=reader.choice("attention", ATTENTION_FORMS, "original"),
         compression={c: parse_compression(compression.data[c], f"{reader.source}: {compression.path}.{c}", target)
                      for c in compression.data},
@@ -362,7 +385,7 @@ def with_overrides(preset: Preset, chunks: Mapping[str, int] | None = None, max_
     split = dict(preset.split)
     cli = _Reader({}, "command line")
     if max_chunk_mb is not None:
-        if max_chunk_mb <= 0:
+        if not math.isfinite(max_chunk_mb) or max_chunk_mb <= 0:
             cli.at("--max-chunk-mb").fail(f"is {max_chunk_mb}", "give a positive number of megabytes")
         split = {c: SplitRequest(max_bytes=int(max_chunk_mb * 1_000_000)) for c in COMPONENT_IDS}
     for component, n in (chunks or {}).items():

@@ -1,8 +1,8 @@
 """Plan, cut and write one captured component: the part of the export that needs torch.
 
-Writers obey the plan: boundaries come from ``split_strategies``; a backend's writer (``writer::onnx``,
-``writer::coreml``) only converts each chunk module and checks the file it wrote. The reference value of every
-boundary tensor is computed here, in PyTorch, and kept as numpy arrays, so that the model can be released before the
+Writers obey the plan: boundaries come from ``split_strategies``; a backend's writer (export/backends/<name>/
+writer.py) only converts each chunk module and checks the file it wrote. The reference value of every boundary
+tensor is computed here, in PyTorch, and kept as numpy arrays, so that the model can be released before the
 chunks are finished and run against them (``check_component.py``).
 """
 
@@ -11,19 +11,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from pocketsd.export.backends.base import Fp32Reference, backend_for
 from pocketsd.export.capture import Captured
 from pocketsd.export.parity import ParityGate
 from pocketsd.export.plan import BoundaryTensor, ComponentPlan, analyze_cuts, build_plan
 from pocketsd.export.preset import Preset
 from pocketsd.export.slicing import ChunkModule, slice_plan
 from pocketsd.export.split_strategies import STRATEGIES
-from pocketsd.registry import Registry
 from pocketsd.runtime.manifest import Chunk, TensorSpec
 from pocketsd.runtime.sessions import SessionOptions
 
@@ -68,9 +68,6 @@ class ChunkWriter(Protocol):
     def session_options(self) -> SessionOptions: ...
 
 
-WRITERS: Registry[Callable[[ComponentJob], ChunkWriter]] = Registry("writer")
-
-
 def spec_of(t: BoundaryTensor) -> TensorSpec:
     return TensorSpec(t.name, t.dtype, tuple(t.shape), t.source)
 
@@ -113,21 +110,20 @@ class WrittenComponent:
     writer: ChunkWriter
     gate: ParityGate
     extra: dict = field(default_factory=dict)
+    fp32: Fp32Reference | None = None  # set by the exporter where a lossy step came before the cut
 
 
 def write_component(captured: Captured, preset: Preset, bundle_dir: Path, *, progress: bool = True,
                     weight_bytes: dict[str, int] | None = None, compressed: set[str] | None = None,
                     extra: dict | None = None) -> WrittenComponent:
     """Plan, cut and write every chunk of ``captured`` (the part that needs torch); nothing is run yet."""
-    from pocketsd.export import coreml_chunks, onnx_chunks  # noqa: F401  (each registers its writer)
-
     plan = plan_component(captured, preset, weight_bytes)
     chunk_modules = slice_plan(captured.graph_module, plan)
     folder = bundle_dir / captured.spec.id
     folder.mkdir()
     job = ComponentJob(captured, plan, chunk_modules, reference_values(captured, chunk_modules), preset, folder,
                        bundle_dir, ParityGate(), progress, weight_bytes, set(compressed or ()), dict(extra or {}))
-    writer = WRITERS.get(preset.backend)(job)
+    writer = backend_for(preset.backend).writer(job)
     chunks = []
     for cm in tqdm(job.chunks, desc=f"  {captured.spec.id}", unit="chunk", leave=False, disable=not progress):
         chunks.append(writer.write(job, cm, [job.values[v] for v in cm.plan.input_values]))

@@ -5,11 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
-from pocketsd.errors import PresetError, UserError
+from pocketsd.contract import COMPUTE_UNITS
+from pocketsd.errors import GenerateError, OutputError, PresetError, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line like every other error (argparse would print its usage block, then the error)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(message, f"see `{self.prog} --help`", code="usage")
 
 
 def _chunks_arg(text: str) -> tuple[str, int]:
@@ -34,6 +43,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UserError(f"exporting needs the [export] extra ({exc.name} is not installed)",
                         "pip install 'pocketsd[export]' (see README)", code="missing-extra") from None
+    if args.seed < 0:
+        raise PresetError(f"command line: --seed is {args.seed}", "give a seed ≥ 0")
     chunks = dict(args.chunks or [])
     if len(chunks) != len(args.chunks or []):
         raise PresetError("command line: --chunks names a component twice", "give each component once")
@@ -48,9 +59,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from pocketsd.runtime.describe import describe, format_table
     from pocketsd.runtime.manifest import load_manifest
 
-    info = describe(load_manifest(args.bundle), Path(args.bundle))
+    manifest = load_manifest(args.bundle)
+    _check_for_inspect(manifest, Path(args.bundle))
+    info = describe(manifest, Path(args.bundle))
     print(json.dumps(info, indent=2) if args.json else format_table(info), end="" if not args.json else "\n")
     return 0
+
+
+def _check_for_inspect(manifest: Any, bundle: Path) -> None:
+    """What the table reads beyond a valid manifest (which may lack what only generating needs): dims, the preset's
+    config, and the plan file, hash-checked since it is parsed here and nowhere else."""
+    from pocketsd.errors import BundleError
+    from pocketsd.runtime.hashing import sha256_path
+    from pocketsd.runtime.json_fields import Field
+
+    where = str(bundle / "manifest.json")
+    for name in ("height", "width", "latent_height", "latent_width", "unet_batch", "text_length"):
+        if name not in manifest.dims:
+            raise Field(None, where, f"dims.{name}").fail("is missing")
+    config = Field(manifest.target, where, "target").key("config", {})
+    config.key("runtime", {}).key("memory", "resident").str()
+    config.key("attention", {}).obj()
+    plan = manifest.plan
+    if plan is not None and sha256_path(bundle / plan.path) != plan.sha256:
+        raise BundleError(f"{bundle / plan.path} does not match its sha256 in the manifest",
+                          "re-export or re-copy the bundle")
 
 
 def _memory(args: argparse.Namespace) -> str | None:
@@ -73,6 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pocketsd.runtime.pipeline import Pipeline
     from pocketsd.runtime.schedulers import available
 
+    _check_generate_args(args)
     if args.scheduler is not None and args.scheduler not in available():
         raise UserError(f"unknown scheduler {args.scheduler!r}", f"known: {', '.join(available())}", code="generate")
     if args.init_image is None and args.strength is not None:
@@ -99,6 +133,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     save_png(image, args.out, params)
     print(f"wrote {args.out} (seed {seed})")
     return 0
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """Refuse bad numbers and an unwritable --out before the bundle is loaded (the pipeline checks them again)."""
+    if args.steps < 1:
+        raise GenerateError(f"--steps is {args.steps}", "give at least 1 step (20 is usual)")
+    if not math.isfinite(args.guidance):
+        raise GenerateError(f"--guidance is {args.guidance}", "give a finite number: 7.5 is usual, ≤ 1 turns it off")
+    if args.strength is not None and not 0.0 < args.strength <= 1.0:
+        raise GenerateError(f"--strength is {args.strength}", "give a number in (0, 1]: 0.8 is usual")
+    if args.seed is not None and args.seed < 0:
+        raise GenerateError(f"--seed is {args.seed}", "give a seed ≥ 0, or none for a random one")
+    if args.threads is not None and args.threads < 0:
+        raise GenerateError(f"--threads is {args.threads}", "give a number of threads ≥ 0 (0: all cores)")
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise OutputError(f"cannot write {out}: " + ("it is a folder" if out.is_dir() else f"{out.parent} is not a "
+                          "folder"), "give --out a PNG path in an existing folder")
 
 
 def cmd_apple_resources(args: argparse.Namespace) -> int:
@@ -151,7 +203,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pocketsd", description=__doc__)
+    parser = _Parser(prog="pocketsd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -190,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="onnxruntime", metavar="{onnxruntime,openvino,openvino-bf16}",
                    help="what runs the ONNX chunks (openvino: pip install 'pocketsd[openvino]'; openvino-bf16: "
                         "OpenVINO computing in bfloat16 on CPUs with bf16 units, ~2x faster, not bit-faithful)")
-    p.add_argument("--compute-units", choices=("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne"),
+    p.add_argument("--compute-units", choices=tuple(COMPUTE_UNITS),
                    help="CoreML bundles on macOS: where to run")
     p.add_argument("--memory", metavar="{resident,stream,prefetch}",
                    help="when chunks are loaded: resident (all kept), stream (one at a time: least memory), prefetch "
@@ -238,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UserError as exc:
+        print(exc.one_line(), file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # on import off macOS it warns that it cannot run models, which we say where it matters
@@ -251,8 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.details:
             print(exc.details, file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # the staging folders are gone by now (staging.py): say so, in the one-line form
+        print("error[interrupted]: interrupted — nothing half-written was left behind", file=sys.stderr)
         return 130
 
 

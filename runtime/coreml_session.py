@@ -14,14 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from pocketsd.contract import COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS
 from pocketsd.errors import BundleError
 from pocketsd.runtime.manifest import Chunk
 
-COMPUTE_UNITS = {"all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE"}
-
 
 class CoreMLSession:
-    def __init__(self, path: Path, chunk: Chunk, compute_units: str = "all") -> None:
+    def __init__(self, path: Path, chunk: Chunk, compute_units: str = DEFAULT_COMPUTE_UNITS) -> None:
         if sys.platform != "darwin":
             raise BundleError(f"{path.name} is a CoreML model, which runs only on macOS",
                               "on this machine, export a bundle with an onnx preset (e.g. --preset cpu)")

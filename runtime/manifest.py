@@ -37,17 +37,19 @@ This module is torch-free: the exporter builds these dataclasses and writes them
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from pocketsd.contract import DTYPE_BYTES, DTYPES  # noqa: F401  (re-exported: others import them from here)
 from pocketsd.errors import BundleError
+from pocketsd.runtime.json_fields import Field, kind
+from pocketsd.staging import abandoned_staging
 
 FORMAT = "pocketsd-bundle"
 SCHEMA_VERSION = "1.1"  # 1.1: chunks may carry an optimized graph (ignored by 1.0 readers)
 MANIFEST_NAME = "manifest.json"
-DTYPES = ("float32", "float16", "int64", "int32", "bool")  # bool: e.g. a causal mask crossing a text-encoder cut
-DTYPE_BYTES = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "bool": 1}
 CHUNK_FORMATS = ("onnx", "mlpackage")
 
 
@@ -92,7 +94,7 @@ class OptimizedGraph:
 
     Only ``engine`` at exactly ``version`` may use it (it holds that engine's own operators); any other reads the
     chunk's ``file``. Its tensors live in the chunk's ``data_files``, except those the optimizer made: ``data_files``
-    here (export/onnx_optimized.py)."""
+    here (export/backends/onnx/optimized.py)."""
 
     engine: str
     version: str
@@ -183,98 +185,158 @@ class Manifest:
 # Reading
 
 
-def _tensor(d: dict[str, Any]) -> TensorSpec:
-    return TensorSpec(name=d["name"], dtype=d["dtype"], shape=tuple(int(x) for x in d["shape"]), source=d.get("source"))
+# Every value is read through json_fields.Field, so that a damaged or hand-edited manifest (a string where a number
+# belongs, a list where an object does, a missing key) is one BundleError naming the key path, never a KeyError or
+# TypeError from deep inside the runtime (tests/runtime/test_manifest_fuzz.py feeds it random documents).
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def _file(d: dict[str, Any]) -> FileRef:
-    return FileRef(path=d["path"], sha256=d["sha256"], bytes=int(d["bytes"]))
+def _tensor(f: Field) -> TensorSpec:
+    dtype = f.key("dtype").str()
+    if dtype not in DTYPES:
+        raise f.key("dtype").fail(f"is {dtype!r}, not one of {', '.join(DTYPES)}")
+    return TensorSpec(name=f.key("name").str(), dtype=dtype, shape=tuple(d.int() for d in f.key("shape").list()),
+                      source=f.key("source", None).optional_str())
 
 
-def _parity(d: dict[str, Any] | None) -> Parity | None:
-    return None if d is None else Parity(**d)
+def bundle_path(f: Field) -> str:
+    """A file path of the bundle: relative, inside it, in POSIX form. ``../x``, ``/etc/x``, ``C:\\x`` are refused
+    here, before anything is opened; symlinks that lead outside are refused by ``load_manifest``."""
+    text = f.str()
+    parts = PurePosixPath(text).parts
+    if ("\\" in text or "\0" in text or text.startswith("/") or PureWindowsPath(text).drive or ".." in parts
+            or text.strip("./") == ""):
+        raise f.fail(f"is {text!r}, a path outside the bundle folder",
+                     "a bundle names only files inside itself; this manifest was not written by pocketsd export, "
+                     "do not use it")
+    return text
 
 
-def _optimized(d: dict[str, Any] | None) -> OptimizedGraph | None:
-    if d is None:
+def _file(f: Field) -> FileRef:
+    sha = f.key("sha256").str()
+    if not _SHA256.fullmatch(sha):
+        raise f.key("sha256").fail(f"is {sha[:80]!r}, not a sha256 in hex")
+    return FileRef(path=bundle_path(f.key("path")), sha256=sha, bytes=f.key("bytes").int())
+
+
+def _files(f: Field) -> tuple[FileRef, ...]:
+    return tuple(_file(x) for x in f.list())
+
+
+def _parity(f: Field) -> Parity | None:
+    if f.value is None:
+        return None  # a PSNR may be +inf (identical outputs): not required finite
+    return Parity(psnr_db=f.key("psnr_db").number(finite=False), max_abs=f.key("max_abs").number(finite=False),
+                  min_psnr_db=f.key("min_psnr_db").number(finite=False))
+
+
+def _optimized(f: Field) -> OptimizedGraph | None:
+    if f.value is None:
         return None
-    return OptimizedGraph(engine=str(d["engine"]), version=str(d["version"]), level=str(d["level"]),
-                          file=_file(d["file"]), data_files=tuple(_file(f) for f in d.get("data_files", ())))
+    return OptimizedGraph(engine=f.key("engine").str(), version=f.key("version").str(), level=f.key("level").str(),
+                          file=_file(f.key("file")), data_files=_files(f.key("data_files", [])))
 
 
-def _chunk(d: dict[str, Any]) -> Chunk:
+def _chunk(f: Field) -> Chunk:
     return Chunk(
-        id=d["id"],
-        format=d["format"],
-        file=_file(d["file"]),
-        weight_bytes=int(d["weight_bytes"]),
-        inputs=tuple(_tensor(t) for t in d["inputs"]),
-        outputs=tuple(_tensor(t) for t in d["outputs"]),
-        modules=tuple(d.get("modules", ())),
-        data_files=tuple(_file(f) for f in d.get("data_files", ())),
-        parity=_parity(d.get("parity")),
-        extra=dict(d.get("extra", {})),
-        optimized=_optimized(d.get("optimized")),
+        id=f.key("id").str(),
+        format=f.key("format").str(),
+        file=_file(f.key("file")),
+        weight_bytes=f.key("weight_bytes").int(),
+        inputs=tuple(_tensor(t) for t in f.key("inputs").list()),
+        outputs=tuple(_tensor(t) for t in f.key("outputs").list()),
+        modules=tuple(m.str(empty=True) for m in f.key("modules", []).list()),
+        data_files=_files(f.key("data_files", [])),
+        parity=_parity(f.key("parity", None)),
+        extra=dict(f.key("extra", {}).obj()),
+        optimized=_optimized(f.key("optimized", None)),
     )
 
 
-def _component(d: dict[str, Any]) -> Component:
+def _component(name: str, f: Field) -> Component:
+    component_id = f.key("id").str()
+    if component_id != name:
+        raise f.key("id").fail(f"is {component_id!r}, but the component is listed as {name!r}")
+    chunks = tuple(_chunk(c) for c in f.key("chunks").list())
+    ids = [c.id for c in chunks]
+    if not chunks or len(set(ids)) != len(ids):
+        raise f.key("chunks").fail("is empty" if not chunks else f"repeats a chunk id ({', '.join(ids)})")
     return Component(
-        id=d["id"],
-        inputs=tuple(_tensor(t) for t in d["inputs"]),
-        outputs=tuple(_tensor(t) for t in d["outputs"]),
-        chunks=tuple(_chunk(c) for c in d["chunks"]),
-        parity=_parity(d.get("parity")),
-        extra=dict(d.get("extra", {})),
+        id=component_id,
+        inputs=tuple(_tensor(t) for t in f.key("inputs").list()),
+        outputs=tuple(_tensor(t) for t in f.key("outputs").list()),
+        chunks=chunks,
+        parity=_parity(f.key("parity", None)),
+        extra=dict(f.key("extra", {}).obj()),
     )
 
 
-def manifest_from_dict(d: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest:
+def manifest_from_dict(d: Any, where: str = MANIFEST_NAME) -> Manifest:
+    """A manifest from parsed JSON. Anything wrong with it raises ``BundleError`` naming the key path."""
+    top = Field(d, where)
+    if not isinstance(d, dict):
+        raise BundleError(f"{where} is not a pocketsd bundle manifest (it holds {kind(d)}, not an object)",
+                          "pass the --out folder of `pocketsd export`")
     if d.get("format") != FORMAT:
         raise BundleError(f"{where} is not a pocketsd bundle manifest (format={d.get('format')!r})")
-    version = str(d.get("schema_version", ""))
-    major = version.split(".")[0]
+    version = d.get("schema_version")
+    major = version.split(".")[0] if isinstance(version, str) else None
     if major != SCHEMA_VERSION.split(".")[0]:
         raise BundleError(
             f"{where} has manifest schema {version!r}; this pocketsd reads {SCHEMA_VERSION.split('.')[0]}.x",
             "install the pocketsd version that wrote the bundle, or re-export it with this one",
             code="bundle-version",
         )
-    try:
-        manifest = Manifest(
-            schema_version=version,
-            model=dict(d["model"]),
-            target=dict(d["target"]),
-            dims={k: int(v) for k, v in d["dims"].items()},
-            latent_scaling_factor=float(d["latent_scaling_factor"]),
-            tokenizer={**d["tokenizer"], "files": {k: _file(v) for k, v in d["tokenizer"].get("files", {}).items()}},
-            scheduler=dict(d["scheduler"]),
-            components={k: _component(v) for k, v in d["components"].items()},
-            plan=_file(d["plan"]) if d.get("plan") else None,
-            created_by=str(d.get("created_by", "")),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{where} is malformed: {type(exc).__name__}: {exc}", "re-export the bundle") from None
+    tokenizer = top.key("tokenizer")
+    plan = top.key("plan", None)
+    manifest = Manifest(
+        schema_version=version,
+        model=dict(top.key("model").obj()),
+        target=dict(top.key("target").obj()),
+        dims={k: v.int() for k, v in top.key("dims").items()},
+        latent_scaling_factor=top.key("latent_scaling_factor").number(),
+        tokenizer={**tokenizer.obj(), "files": {k: _file(v) for k, v in tokenizer.key("files", {}).items()}},
+        scheduler=dict(top.key("scheduler").obj()),
+        components={k: _component(k, v) for k, v in top.key("components").items()},
+        plan=None if plan.value is None else _file(plan),
+        created_by=str(d.get("created_by", "")),
+    )
     check_wiring(manifest, where)
     return manifest
 
 
 def load_manifest(bundle_dir: str | Path) -> Manifest:
-    """Read and validate ``manifest.json``; checks that every file it names is present (not yet their hashes)."""
+    """Read and validate ``manifest.json``; checks that every file it names is present and inside the bundle, symlinks
+    followed (not yet their hashes)."""
     root = Path(bundle_dir)
     path = root / MANIFEST_NAME
+    if root.exists() and not root.is_dir():
+        raise BundleError(f"{root} is a file, not a bundle folder", "pass the --out folder of `pocketsd export`")
     if not root.is_dir():
         raise BundleError(f"bundle folder {root} does not exist", "pass the --out folder of `pocketsd export`")
+    left = abandoned_staging(root)
+    if left:
+        raise BundleError(f"{root} is the staging folder of an export or copy that was interrupted ({left}), not a "
+                          "bundle", "delete it; the next export to the same folder also removes it")
     if not path.is_file():
         raise BundleError(f"{path} is missing: {root} is not a pocketsd bundle", "pass the --out folder of an export")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc})", "re-export the bundle") from None
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and bad UTF-8 are ValueErrors
+        raise BundleError(f"{path} is not valid JSON ({str(exc)[:120]})", "re-export the bundle") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from None
     manifest = manifest_from_dict(data, str(path))
+    inside = root.resolve()
     for ref in manifest.all_files():
-        if not (root / ref.path).exists():
-            raise BundleError(f"{root / ref.path} is missing (named in {path})", "re-export or re-copy the bundle")
+        full = root / ref.path
+        if not full.exists():
+            raise BundleError(f"{full} is missing (named in {path})", "re-export or re-copy the bundle")
+        if not full.resolve().is_relative_to(inside):  # a symlink (of it or a folder above it) leading out
+            raise BundleError(f"{full} leads outside the bundle (to {full.resolve()})",
+                              "a bundle's files must lie inside its folder; copy the bundle with its files, "
+                              "not links to them")
     return manifest
 
 

@@ -19,12 +19,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pocketsd.contract import TEXT_ENCODER_IO, UNET_IO, VAE_DECODER_IO, VAE_ENCODER_IO
 from pocketsd.errors import BundleError, GenerateError
 from pocketsd.runtime.chain import ComponentRunner
 from pocketsd.runtime.execution import check_memory, check_streamable, chunk_opener, make_policy
 from pocketsd.runtime.hashing import sha256_once
 from pocketsd.runtime.images import image_to_array, to_pil
-from pocketsd.runtime.manifest import Manifest, load_manifest
+from pocketsd.runtime.json_fields import REEXPORT, Field
+from pocketsd.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 from pocketsd.runtime.schedulers import NoiseSource, SchedulerConfig, make_scheduler
 from pocketsd.runtime.sessions import SessionOptions, check_engine, open_workers, verify_chunk, verify_in_background
 from pocketsd.runtime.tiling import TileIO, call_tiled, decoder_head
@@ -67,16 +69,18 @@ class Pipeline:
         """``memory`` defaults to the bundle's preset (``runtime.memory``), else resident. ``engine`` runs the ONNX
         chunks: onnxruntime, openvino (the ``[openvino]`` extra), or openvino-bf16 (OpenVINO in bfloat16)."""
         manifest = load_manifest(path)
-        config = manifest.target.get("config", {})
-        runtime = config.get("runtime", {})
+        config = Field(manifest.target, str(Path(path) / MANIFEST_NAME), "target").key("config", {})
+        runtime = config.key("runtime", {})
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise GenerateError(f"threads must be an integer ≥ 0, got {threads!r}", "0 uses every core")
         options = SessionOptions(
-            threads=int(runtime.get("threads", 0) if threads is None else threads),
-            low_memory=bool(runtime.get("low_memory", False) if low_memory is None else low_memory),
-            compute_units=compute_units or str(config.get("coreml", {}).get("compute_units", "all")),
+            threads=runtime.key("threads", 0).int() if threads is None else threads,
+            low_memory=runtime.key("low_memory", False).bool() if low_memory is None else bool(low_memory),
+            compute_units=compute_units or config.key("coreml", {}).key("compute_units", "all").str(),
             engine=engine,
         )
         if memory is None:
-            memory = check_memory(str(runtime.get("memory", "resident")), BundleError)
+            memory = check_memory(runtime.key("memory", "resident").str(), BundleError)
         return cls(Path(path), manifest, options, memory)
 
     def close(self) -> None:
@@ -91,6 +95,7 @@ class Pipeline:
 
     # -- components ------------------------------------------------------------------------------------------------
     def _open_tokenizer(self) -> ClipTokenizer:
+        Field(self.manifest.tokenizer, str(self.bundle_dir / MANIFEST_NAME), "tokenizer").key("max_length").int(1)
         files = self.manifest.tokenizer.get("files", {})
         if "vocab.json" not in files:
             raise BundleError(f"{self.bundle_dir}: the manifest names no tokenizer vocab.json", "re-export the bundle")
@@ -122,11 +127,11 @@ class Pipeline:
         """Text states (1, S, C) for one prompt; the ids go in as the bundle's dtype (int64, or float32 for CoreML)."""
         runner = self.runner("text_encoder")
         ids = self.tokenizer.encode([prompt]).astype(runner.component.inputs[0].dtype)
-        return runner(input_ids=ids)["last_hidden_state"]
+        return runner(**{TEXT_ENCODER_IO.input_ids: ids})[TEXT_ENCODER_IO.last_hidden_state]
 
     def unet_context(self, states: np.ndarray) -> np.ndarray:
         """Text states (B, S, C) in the layout the bundle's UNet takes: Apple's (B, C, 1, S) where it says so."""
-        spec = {t.name: t for t in self.manifest.component("unet").inputs}["encoder_hidden_states"]
+        spec = {t.name: t for t in self.manifest.component("unet").inputs}[UNET_IO.encoder_hidden_states]
         if len(spec.shape) == 4:
             return np.ascontiguousarray(states.transpose(0, 2, 1)[:, :, None, :])
         return states
@@ -142,10 +147,10 @@ class Pipeline:
         feeds = []
         for start in range(0, sample.shape[0], batch):
             rows = np.arange(start, start + batch).clip(max=sample.shape[0] - 1)
-            feeds.append({"sample": np.ascontiguousarray(sample[rows]), "timestep": t,
-                          "encoder_hidden_states": np.ascontiguousarray(context[rows])})
+            feeds.append({UNET_IO.sample: np.ascontiguousarray(sample[rows]), UNET_IO.timestep: t,
+                          UNET_IO.encoder_hidden_states: np.ascontiguousarray(context[rows])})
         calls = runner.run_many(feeds) if self.policy.chunk_major else [runner(**f) for f in feeds]
-        outputs = [out["noise_pred"][: min(batch, sample.shape[0] - start)]
+        outputs = [out[UNET_IO.noise_pred][: min(batch, sample.shape[0] - start)]
                    for out, start in zip(calls, range(0, sample.shape[0], batch))]
         return np.concatenate(outputs, axis=0)
 
@@ -162,19 +167,23 @@ class Pipeline:
         [0, 1]). ``callback(step, total, latents)`` runs after every step."""
         if output_type not in ("pil", "np"):
             raise GenerateError(f"unknown output_type {output_type!r}", "use 'pil' or 'np'")
+        check_request(prompt, negative_prompt, guidance_scale, seed, strength if image is not None else None)
+        check_for_generation(self.manifest, str(self.bundle_dir / MANIFEST_NAME))
         sched = make_scheduler(scheduler or self.default_scheduler,
                                SchedulerConfig.from_dict(self.manifest.scheduler["config"]))
+        schedule = sched.set_timesteps(num_inference_steps)  # a bad step count fails before any chunk runs
         if generator is None:
             generator = np.random.default_rng(secrets.randbelow(2**31) if seed is None else int(seed))
         negative = "" if negative_prompt is None else negative_prompt
         guided = guidance_scale > 1.0
         after_text = "unet" if image is None else "vae_encoder"
         self._expect("text_encoder" if guided else after_text)  # what comes next, for the prefetch policy
-        cond = self.encode_prompt(prompt)
+        cond = finite(self.encode_prompt(prompt), "before the first step", "the text encoder output")
         if guided:
             self._expect(after_text)
-        context = self.unet_context(np.concatenate([self.encode_prompt(negative), cond]) if guided else cond)
-        schedule = sched.set_timesteps(num_inference_steps)
+            cond = np.concatenate([finite(self.encode_prompt(negative), "before the first step",
+                                          "the text encoder output for the negative prompt"), cond])
+        context = self.unet_context(cond)
         if image is not None:
             start = schedule.start_index(strength)
             if start >= len(schedule.timesteps):
@@ -183,7 +192,8 @@ class Pipeline:
             x = self._img2img_latents(image, sched, schedule, start, generator)
         else:
             start = 0
-            x = self._initial_latents(latents, generator) * np.float32(schedule.init_noise_sigma)
+            x = finite(self._initial_latents(latents, generator), "before the first step", "the initial noise")
+            x = x * np.float32(schedule.init_noise_sigma)
         state = sched.initial_state()
         total = len(schedule.timesteps) - start
         for done, i in enumerate(range(start, len(schedule.timesteps)), start=1):
@@ -196,10 +206,14 @@ class Pipeline:
                 noise = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
             else:
                 noise = self.unet(model_in, schedule.timesteps[i], context)
+            # NaN or inf here would run on silently and come out as a black or noise image: name the step instead
+            # (np.isfinite over the latents: microseconds against a UNet call)
+            finite(noise, f"step {done} of {total}", "the UNet output")
             x, state = sched.step(schedule, noise, i, x, state, generator)
+            finite(x, f"step {done} of {total}", f"the {sched.__class__.__name__} update of the latents")
             if callback is not None:
                 callback(done, total, x)
-        pixels = self.decode(x)  # it gives the prefetch policy its own hints
+        pixels = finite(self.decode(x), "after the last step", "the VAE decoder output")  # gives prefetch its hints
         self.policy.release()
         return to_pil(pixels) if output_type == "pil" else pixels
 
@@ -219,8 +233,8 @@ class Pipeline:
     def _img2img_latents(self, image: Any, sched: Any, schedule: Any, start: int, generator: NoiseSource) -> np.ndarray:
         d = self.manifest.dims
         pixels = image_to_array(image, d["height"], d["width"])
-        moments = self._call_vae("vae_encoder", pixels, TileIO("x", "latent", int(d["vae_scale_factor"]), 1),
-                                 then="unet")
+        io = TileIO(VAE_ENCODER_IO.x, VAE_ENCODER_IO.latent, int(d["vae_scale_factor"]), 1)
+        moments = self._call_vae("vae_encoder", pixels, io, then="unet")
         mean, logvar = np.split(moments, 2, axis=1)
         # diffusers' DiagonalGaussianDistribution: clamp the log-variance, std = exp(logvar / 2)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0)).astype(np.float32)
@@ -246,7 +260,62 @@ class Pipeline:
             self._expect("vae_decoder")
             runner = self.runner(head.id)
             scaled = runner(**{head.inputs[0].name: scaled})[head.outputs[0].name]
-        io = TileIO(decoder.inputs[0].name, "image", 1, int(self.manifest.dims["vae_scale_factor"]))
+        io = TileIO(decoder.inputs[0].name, VAE_DECODER_IO.image, 1, int(self.manifest.dims["vae_scale_factor"]))
         image = self._call_vae("vae_decoder", scaled, io, then=None)
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
         return np.transpose(image[0], (1, 2, 0)).astype(np.float32)
+
+
+def finite(array: np.ndarray, when: str, what: str) -> np.ndarray:
+    """``array``, after checking it holds no NaN or infinity; else a GenerateError saying when and where."""
+    if np.isfinite(array).all():
+        return array
+    nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+    held = " and ".join(f"{kind} ({n} of {array.size} values)" for kind, n in (("NaN", nan), ("inf", inf)) if n)
+    raise GenerateError(f"{when}: {what} holds {held}",
+                        "the bundle overflows here (weights or precision): check it with `pocketsd inspect`, "
+                        "re-export it, or lower the guidance scale", code="non-finite")
+
+
+def check_request(prompt: Any, negative_prompt: Any, guidance_scale: Any, seed: Any, strength: Any) -> None:
+    """Refuse a request's values of the wrong type or range before any chunk runs (steps: the scheduler's check)."""
+    for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if value is None and name == "negative_prompt":
+            continue
+        if isinstance(value, (list, tuple)):
+            raise GenerateError(f"{name} is a {type(value).__name__}; this pipeline makes one image per call",
+                                f"pass one str as {name}, and call once per prompt")
+        if not isinstance(value, str):
+            raise GenerateError(f"{name} must be text (a str), not {type(value).__name__}", f"pass {name}='...'")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.number)) \
+            or not np.isfinite(guidance_scale):
+        raise GenerateError(f"guidance scale must be a finite number, got {guidance_scale!r}",
+                            "7.5 is usual; 1 or less turns guidance off")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise GenerateError(f"seed must be a non-negative integer, got {seed!r}")
+    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float, np.number))
+                                 or not 0.0 < strength <= 1.0):
+        raise GenerateError(f"strength must be a number in (0, 1], got {strength!r}", "0.8 is usual for img2img")
+
+
+_DIMS = ("height", "width", "latent_channels", "latent_height", "latent_width", "unet_batch", "vae_scale_factor")
+# component → (inputs, outputs) the pipeline feeds and reads by name
+_NAMED_IO = {"text_encoder": ((), (TEXT_ENCODER_IO.last_hidden_state,)), "vae_decoder": ((), ()),
+             "unet": ((UNET_IO.sample, UNET_IO.timestep, UNET_IO.encoder_hidden_states), (UNET_IO.noise_pred,))}
+
+
+def check_for_generation(manifest: Manifest, where: str) -> None:
+    """What generating needs beyond a valid manifest (which may describe some components only: the round trip at
+    export opens those too): the dims, scheduler config and components it reads, so that none is a KeyError mid-way."""
+    for name in _DIMS:
+        if manifest.dims.get(name, 0) < 1:
+            raise Field(None, where, f"dims.{name}").fail("is missing" if name not in manifest.dims else "is 0")
+    Field(manifest.scheduler, where, "scheduler").key("config").obj()
+    for component_id, (inputs, outputs) in _NAMED_IO.items():
+        component = manifest.component(component_id)
+        have_in, have_out = [t.name for t in component.inputs], [t.name for t in component.outputs]
+        missing = [n for n in inputs if n not in have_in] + [n for n in outputs if n not in have_out]
+        if missing or not have_in or not have_out:
+            raise BundleError(f"{where}: component {component_id} lacks {', '.join(missing) or 'inputs or outputs'} "
+                              f"(inputs: {', '.join(have_in) or 'none'}; outputs: {', '.join(have_out) or 'none'})",
+                              REEXPORT)

@@ -36,6 +36,7 @@ from pocketsd.runtime.hashing import (
     used,
 )
 from pocketsd.runtime.manifest import Chunk, Manifest
+from pocketsd.runtime.onnx_refs import check_chunk_refs
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +333,7 @@ def verify_chunk(bundle_dir: Path, chunk: Chunk, disk_cache: bool = True) -> Non
     if bad:
         raise BundleError(f"{bad[0]} does not match its sha256 in the manifest (chunk {chunk.id}): the file is "
                           "corrupted or was changed", "re-export or re-copy the bundle")
+    check_chunk_refs(bundle_dir, chunk)
 
 
 def open_workers(engine: str) -> int:
@@ -364,6 +366,8 @@ def open_chunk(bundle_dir: Path, chunk: Chunk, options: SessionOptions) -> Chunk
     """Verify a chunk's files against the manifest, then open it with the backend for its format."""
     if options.verify_hashes:
         verify_chunk(bundle_dir, chunk, options.disk_cache)
+    else:  # unhashed files are still kept inside the bundle
+        check_chunk_refs(bundle_dir, chunk)
     log.debug("opening %s (%s)", chunk.id, chunk.file.path)
     return BACKENDS.get(chunk.format).open(bundle_dir, chunk, options)
 

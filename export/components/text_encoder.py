@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from pocketsd.contract import TEXT_ENCODER_IO as IO
 from pocketsd.export.components.base import WRAPPED, ComponentSpec, IOSpec
 
 
@@ -25,10 +26,10 @@ class TextEncoderWrapper(torch.nn.Module):
 SPEC = ComponentSpec(
     id="text_encoder",
     subfolder="text_encoder",
-    inputs=(IOSpec("input_ids", "float32", ("batch", "text_length"), example="tokens"),),
+    inputs=(IOSpec(IO.input_ids, "float32", ("batch", "text_length"), example="tokens"),),
     outputs=(
-        IOSpec("last_hidden_state", "float32", ("batch", "text_length", "text_hidden")),
-        IOSpec("pooled_outputs", "float32", ("batch", "text_hidden")),
+        IOSpec(IO.last_hidden_state, "float32", ("batch", "text_length", "text_hidden")),
+        IOSpec(IO.pooled_outputs, "float32", ("batch", "text_hidden")),
     ),
     make_wrapper=TextEncoderWrapper,
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from pocketsd.contract import UNET_IO as IO
 from pocketsd.export.components.base import WRAPPED, ComponentSpec, IOSpec
 
 
@@ -28,11 +29,11 @@ SPEC = ComponentSpec(
     id="unet",
     subfolder="unet",
     inputs=(
-        IOSpec("sample", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),
-        IOSpec("timestep", "float32", ("batch",), example="timestep"),
-        IOSpec("encoder_hidden_states", "float32", ("batch", "text_hidden", "one", "text_length")),
+        IOSpec(IO.sample, "float32", ("batch", "latent_channels", "latent_height", "latent_width")),
+        IOSpec(IO.timestep, "float32", ("batch",), example="timestep"),
+        IOSpec(IO.encoder_hidden_states, "float32", ("batch", "text_hidden", "one", "text_length")),
     ),
-    outputs=(IOSpec("noise_pred", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
+    outputs=(IOSpec(IO.noise_pred, "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
     make_wrapper=UNetWrapper,
     batch_from="unet_batch",
 )

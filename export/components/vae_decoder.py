@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from pocketsd.contract import VAE_DECODER_IO as IO
 from pocketsd.export.components.base import WRAPPED, ComponentSpec, IOSpec
 
 HEAD_ID = "vae_decoder_head"
@@ -60,8 +61,8 @@ class VaeDecoderTailWrapper(torch.nn.Module):
 SPEC = ComponentSpec(
     id="vae_decoder",
     subfolder="vae",
-    inputs=(IOSpec("z", "float32", ("batch", "latent_channels", "vae_latent_height", "vae_latent_width")),),
-    outputs=(IOSpec("image", "float32", ("batch", "image_channels", "vae_height", "vae_width")),),
+    inputs=(IOSpec(IO.z, "float32", ("batch", "latent_channels", "vae_latent_height", "vae_latent_width")),),
+    outputs=(IOSpec(IO.image, "float32", ("batch", "image_channels", "vae_height", "vae_width")),),
     make_wrapper=VaeDecoderWrapper,
     group_norm_scope=("decoder",),
 )
@@ -69,7 +70,7 @@ SPEC = ComponentSpec(
 HEAD_SPEC = ComponentSpec(
     id=HEAD_ID,
     subfolder="vae",
-    inputs=(IOSpec("z", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
+    inputs=(IOSpec(IO.z, "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
     outputs=(IOSpec(HEAD_OUTPUT, "float32", ("batch", "vae_head_channels", "latent_height", "latent_width")),),
     make_wrapper=VaeDecoderHeadWrapper,
     settings_from="vae_decoder",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from pocketsd.contract import VAE_ENCODER_IO as IO
 from pocketsd.export.components.base import WRAPPED, ComponentSpec, IOSpec
 
 
@@ -24,8 +25,8 @@ class VaeEncoderWrapper(torch.nn.Module):
 SPEC = ComponentSpec(
     id="vae_encoder",
     subfolder="vae",
-    inputs=(IOSpec("x", "float32", ("batch", "image_channels", "vae_height", "vae_width"), example="image"),),
-    outputs=(IOSpec("latent", "float32", ("batch", "moments", "vae_latent_height", "vae_latent_width")),),
+    inputs=(IOSpec(IO.x, "float32", ("batch", "image_channels", "vae_height", "vae_width"), example="image"),),
+    outputs=(IOSpec(IO.latent, "float32", ("batch", "moments", "vae_latent_height", "vae_latent_width")),),
     make_wrapper=VaeEncoderWrapper,
     group_norm_scope=("encoder",),
 )

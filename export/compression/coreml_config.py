@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NoReturn, Sequence
 
+from pocketsd.contract import DEPLOYMENT_TARGETS, targets_at
 from pocketsd.errors import InternalError, PresetError
 
 MODES = ("palettize", "linear_int8")
@@ -18,9 +19,9 @@ GRANULARITIES = {"palettize": ("per_tensor", "per_grouped_channel"), "linear_int
 OP_TYPES = ("Linear", "Conv2d")
 META = "_COREML_"
 META_VERSION = f"{META}/metadata_version"
-# Deployment targets as the iOS release with the same CoreML opset. Compression needs 16; grouped or 3-bit palettes 18.
-TARGET_LEVELS = {"iOS15": 15, "iOS16": 16, "iOS17": 17, "iOS18": 18, "iOS26": 26,
-                 "macOS12": 15, "macOS13": 16, "macOS14": 17, "macOS15": 18, "macOS26": 26}
+# Deployment targets as the iOS release with the same CoreML opset (pocketsd/contract.py).
+TARGET_LEVELS = {name: target.level for name, target in DEPLOYMENT_TARGETS.items()}
+_COMPRESSION, _GROUPED = 16, 18  # the levels compression, and grouped or 3-bit palettes, need
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class CompressionConfig:
     op_name: Mapping[str, LayerCompression | None] = field(default_factory=dict)
     mixed_bit: MixedBit | None = None
     weight_threshold: int = 2048
+    min_psnr_db: float | None = None  # the quality gate; None: quality_gates.py's default for the recipe
     source: str = field(default="", compare=False)
 
 
@@ -98,6 +100,12 @@ def _integer(value: Any, where: str, path: str, minimum: int) -> int:
     return value
 
 
+def _psnr(value: Any, where: str, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        _fail(where, path, f"is {value!r}", "a positive number of dB, e.g. 30")
+    return float(value)
+
+
 def _parse_layer(data: Any, where: str, path: str, level: int) -> LayerCompression | None:
     if data is None:
         return None
@@ -118,14 +126,16 @@ def _parse_layer(data: Any, where: str, path: str, level: int) -> LayerCompressi
 
 
 def _check_target(where: str, path: str, granularity: str, palette_bits: Sequence[int], level: int) -> None:
-    if level < 16:
-        _fail(where, path, "needs deployment target iOS16/macOS13 or newer", "raise coreml.deployment_target")
-    if granularity == "per_grouped_channel" and level < 18:
-        _fail(where, f"{path}.granularity", "per_grouped_channel needs deployment target iOS18/macOS15",
-              "use granularity per_tensor, or deployment_target iOS18/macOS15")
-    if 3 in palette_bits and level < 18:
-        _fail(where, f"{path}.nbits", "3-bit palettes need deployment target iOS18/macOS15",
-              "use nbits 2, 4, 6 or 8, or deployment_target iOS18/macOS15")
+    if level < _COMPRESSION:
+        _fail(where, path, f"needs deployment target {targets_at(_COMPRESSION)} or newer",
+              "raise coreml.deployment_target")
+    grouped = targets_at(_GROUPED)
+    if granularity == "per_grouped_channel" and level < _GROUPED:
+        _fail(where, f"{path}.granularity", f"per_grouped_channel needs deployment target {grouped}",
+              f"use granularity per_tensor, or deployment_target {grouped}")
+    if 3 in palette_bits and level < _GROUPED:
+        _fail(where, f"{path}.nbits", f"3-bit palettes need deployment target {grouped}",
+              f"use nbits 2, 4, 6 or 8, or deployment_target {grouped}")
 
 
 def _parse_mixed(data: Any, where: str, level: int) -> MixedBit:
@@ -135,16 +145,14 @@ def _parse_mixed(data: Any, where: str, level: int) -> MixedBit:
             or any(isinstance(b, bool) or b not in PALETTE_BITS for b in bits)):
         _fail(where, "mixed_bit.bits", f"is {bits!r}",
               f"a list of at least two different bit widths from {', '.join(map(str, PALETTE_BITS))}, e.g. [4, 6, 8]")
-    psnr = data.get("min_psnr_db")
-    if isinstance(psnr, bool) or not isinstance(psnr, (int, float)) or not psnr > 0:
-        _fail(where, "mixed_bit.min_psnr_db", f"is {psnr!r}", "a positive number of dB, e.g. 30")
+    psnr = _psnr(data.get("min_psnr_db"), where, "mixed_bit.min_psnr_db")
     granularity = data.get("granularity", "per_tensor")
     group_size = _integer(data.get("group_size", 0), where, "mixed_bit.group_size", 0)
     problem = _layer_problem("palettize", 8, granularity, group_size)
     if problem:
         _fail(where, f"mixed_bit.{problem[0]}", problem[1], problem[2])
     _check_target(where, "mixed_bit", granularity, bits, level)
-    return MixedBit(tuple(sorted(bits)), float(psnr), granularity, group_size)
+    return MixedBit(tuple(sorted(bits)), psnr, granularity, group_size)
 
 
 def parse_compression(data: Any, where: str, deployment_target: str) -> CompressionConfig:
@@ -152,9 +160,9 @@ def parse_compression(data: Any, where: str, deployment_target: str) -> Compress
     null}}`` or ``{mixed_bit: {bits: [4, 6, 8], min_psnr_db: 30}}``. Errors name ``where`` plus the key path."""
     level = TARGET_LEVELS.get(deployment_target)
     if level is None:
-        _fail(where, "", f"cannot check against deployment target {deployment_target!r}",
-              f"known targets: {', '.join(TARGET_LEVELS)}")
-    _mapping(data, where, "", ("global", "op_type", "op_name", "mixed_bit", "weight_threshold"))
+        _fail(where, "", f"cannot check against deployment target {deployment_target!r} (compression needs "
+                         f"{targets_at(_COMPRESSION)} or newer)", f"known targets: {', '.join(TARGET_LEVELS)}")
+    _mapping(data, where, "", ("global", "op_type", "op_name", "mixed_bit", "weight_threshold", "min_psnr_db"))
     if data.get("global") is not None and data.get("mixed_bit") is not None:
         _fail(where, "mixed_bit", "cannot be combined with global", "choose one: a fixed global config or mixed_bit")
     op_type = _mapping(data.get("op_type") or {}, where, "op_type", OP_TYPES)
@@ -165,5 +173,6 @@ def parse_compression(data: Any, where: str, deployment_target: str) -> Compress
         op_name={str(k): _parse_layer(v, where, f"op_name.{k}", level) for k, v in op_name.items()},
         mixed_bit=_parse_mixed(data["mixed_bit"], where, level) if data.get("mixed_bit") is not None else None,
         weight_threshold=_integer(data.get("weight_threshold", 2048), where, "weight_threshold", 0),
+        min_psnr_db=_psnr(data["min_psnr_db"], where, "min_psnr_db") if data.get("min_psnr_db") is not None else None,
         source=where,
     )

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-from pocketsd.export.compression_config import (  # noqa: F401  (re-exported)
+from pocketsd.export.compression.coreml_config import (  # noqa: F401  (re-exported)
     META,
     META_VERSION,
     MODES,
@@ -340,6 +340,6 @@ def simulated_psnr(reference: Sequence[torch.Tensor], compressed: Sequence[torch
 def choose_mixed_bits(model: nn.Module, run: Callable[[nn.Module], Sequence[torch.Tensor]],
                       cfg: CompressionConfig, *, workers: int = 1) -> tuple[dict[str, LayerCompression], dict]:
     """Per-layer palette widths for a ``mixed_bit`` config; see ``mixed_bit.py``. Leaves ``model`` compressed."""
-    from pocketsd.export.mixed_bit import choose_mixed_bits as choose
+    from pocketsd.export.compression.mixed_bit import choose_mixed_bits as choose
 
     return choose(model, run, cfg, workers=workers)

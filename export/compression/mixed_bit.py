@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from pocketsd.errors import InternalError, PresetError
-from pocketsd.export.compression import (
+from pocketsd.export.capture import as_outputs
+from pocketsd.export.compression.coreml_optimize import (
     CompressionConfig,
     LayerCompression,
     compress,
@@ -43,11 +44,6 @@ Run = Callable[[nn.Module], Sequence[torch.Tensor]]
 Palette = tuple[torch.Tensor, dict[str, torch.Tensor]]  # fp16 simulated weight, its _COREML_ buffers
 
 
-def _outputs(run: Run, model: nn.Module) -> list[torch.Tensor]:
-    outputs = run(model)
-    return [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
-
-
 class _Search:
     """The model with its searched layers switchable between cached palettes, and pass counters."""
 
@@ -59,12 +55,12 @@ class _Search:
         self.current: dict[str, int] = {}
         self.passes, self.gradient_passes = 1, 0  # the reference pass
         with torch.no_grad():
-            self.reference = [t.detach().clone() for t in _outputs(run, model)]
+            self.reference = [t.detach().clone() for t in as_outputs(run(model))]
 
     def measure(self) -> float:
         self.passes += 1
         with torch.no_grad():
-            return simulated_psnr(self.reference, _outputs(self.run, self.model))
+            return simulated_psnr(self.reference, as_outputs(self.run(self.model)))
 
     def set_bits(self, bits: dict[str, int]) -> None:
         with torch.no_grad():
@@ -104,7 +100,7 @@ class _Search:
                 weight.requires_grad_(True)
             for _ in range(PROBES):
                 with torch.enable_grad():
-                    outputs = _outputs(self.run, self.model)
+                    outputs = as_outputs(self.run(self.model))
                     if not outputs or not all(o.requires_grad for o in outputs):
                         return None
                     probe = sum((o * torch.randn(o.shape, generator=generator).to(o)).sum() for o in outputs)

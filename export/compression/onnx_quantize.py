@@ -1,6 +1,6 @@
 """``onnx::int8_weights`` / ``onnx::int4_weights``: store a written chunk's quantized weights as int8 / int4.
 
-``weight_quantization.py`` fake-quantizes the weights in PyTorch before capture, so the chunk file that the ONNX
+``onnx_weights.py`` fake-quantizes the weights in PyTorch before capture, so the chunk file that the ONNX
 writer wrote holds fp32 weights lying exactly on an int8 / int4 grid. This pass finds them by consumer and input slot,
 matches each with the PyTorch parameter it came from (by value: the exporter renames transposed Linear weights
 ``val_N``), recomputes integers and scales from the stored values — refusing, as our bug, any weight that is not
@@ -58,7 +58,7 @@ import onnx_ir as ir
 from onnxscript import version_converter
 
 from pocketsd.errors import InternalError
-from pocketsd.export.onnx_files import save_chunk_model
+from pocketsd.export.backends.onnx.files import save_chunk_model
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pocketsd.errors import ParityError
 from pocketsd.export.capture import example_inputs, run_component
 from pocketsd.export.components import ComponentSpec, Dims
 from pocketsd.export.components.base import WRAPPED
-from pocketsd.export.onnx_quantize import QMAX, quantize_chunk_file, stored_bytes
+from pocketsd.export.compression.onnx_quantize import QMAX, quantize_chunk_file, stored_bytes
+from pocketsd.export.compression.quality_gates import QUANT_MIN_PSNR_DB, GateRow, Threshold, enforce
 from pocketsd.export.parity import Figures, compare_all
 from pocketsd.export.preset import WeightQuantization
 
@@ -132,19 +132,16 @@ def _report(model: nn.Module, used: set[str], stored: dict[str, int], config: We
     }
 
 
-def _gate(spec: ComponentSpec, figures: Figures, config: WeightQuantization) -> None:
-    """Fail closed below the preset's quality threshold, with the parity gate's table."""
-    if figures.psnr_db >= config.min_psnr_db:
-        return
-    what = f"{spec.id} ({config.mode} vs fp32)"
-    table = [f"{'what':<28} {'PSNR dB':>9} {'needs':>7} {'max abs':>10}",
-             f"{what:<28} {figures.psnr_db:>9.2f} {config.min_psnr_db:>7.1f} {figures.max_abs:>10.3g}"]
-    raise ParityError(
-        f"{spec.id}: {config.mode} weight quantization gives {figures.psnr_db:.2f} dB against fp32 (PyTorch), "
-        f"below the preset's quantize.{spec.id}.min_psnr_db of {config.min_psnr_db:.1f} dB",
-        ("use int8 or a smaller block_size for it" if config.mode == "int4" else "leave it out of quantize (fp32)")
-        + ", or lower min_psnr_db if you accept the loss",
-        details="\n".join(table))
+def _gate(spec: ComponentSpec, figures: Figures, config: WeightQuantization) -> GateRow:
+    """Fail closed below the preset's quality threshold (export/compression/quality_gates.py), with the table."""
+    default = QUANT_MIN_PSNR_DB[config.mode]
+    threshold = Threshold(config.min_psnr_db, f"onnx:{config.mode}", f"quantize.{spec.id}.min_psnr_db",
+                          config.min_psnr_db != default)
+    row = GateRow(spec.id, f"{config.mode} weight quantization", f"{spec.id} ({config.mode} vs fp32)",
+                  figures.psnr_db, figures.max_abs, threshold)
+    enforce([row], ("use int8 or a smaller block_size for it" if config.mode == "int4" else
+                    "leave it out of quantize (fp32)") + ", or lower min_psnr_db if you accept the loss")
+    return row
 
 
 def quantize_component(spec: ComponentSpec, model: nn.Module, dims: Dims, config: WeightQuantization,

@@ -58,6 +58,15 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_field(f.name, f.type, getattr(self, f.name))
+        # Values of the right type that the schedule math cannot honour: checked here, where the exporter checks the
+        # model's config too (export/read_back.py), so that such a model is refused at export, not at first use.
+        for name in ("beta_start", "beta_end"):
+            if not getattr(self, name) < 1:  # alpha = 1 - beta must stay positive: sigma = sqrt((1 - ᾱ) / ᾱ)
+                raise GenerateError(f"scheduler config key {name!r} = {getattr(self, name)!r} is not supported",
+                                    hint="betas must be below 1 (Stable Diffusion 1.x: 0.00085 to 0.012)")
+        if self.steps_offset >= self.num_train_timesteps:  # every timestep would lie past the trained ones
+            raise GenerateError(f"scheduler config key 'steps_offset' = {self.steps_offset!r} is not supported",
+                                hint=f"it must be below num_train_timesteps ({self.num_train_timesteps})")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SchedulerConfig:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.export
 from pocketsd.apple.contract import chained_inputs_ok, file_names  # noqa: E402
 from pocketsd.apple.resources import NOT_COMPILED, check_layout, write_resources  # noqa: E402
 from pocketsd.cli import main  # noqa: E402
-from pocketsd.export.coreml_checks import read_spec  # noqa: E402
+from pocketsd.export.backends.coreml.check import read_spec  # noqa: E402
 from pocketsd.runtime.manifest import load_manifest  # noqa: E402
 
 

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from pocketsd.export.compression import CompressionConfig, LayerCompression  # noqa: E402
+from pocketsd.export.compression.coreml_optimize import CompressionConfig, LayerCompression  # noqa: E402
 
 LUT, SCALE, KIND = "_COREML_/weight/lut", "_COREML_/weight/quantization_scale", "_COREML_/weight/compression_type"
 

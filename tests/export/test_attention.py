@@ -118,9 +118,9 @@ def test_unknown_form_lists_the_known_ones():
 
 def _sliced_vae_decoder_onnx(tmp_path: Path, slice_mb: float) -> Path:
     """The tiny VAE decoder at a 8×8 latent (64 queries and keys in its mid-block attention), sliced, as ONNX."""
+    from pocketsd.export.backends.onnx.convert import write_onnx
     from pocketsd.export.capture import capture
     from pocketsd.export.components import SD_COMPONENTS, Dims
-    from pocketsd.export.onnx_writer import write_onnx
 
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(**config("vae")).eval()

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.export
 from torch import nn  # noqa: E402
 
 from pocketsd.errors import PresetError  # noqa: E402
-from pocketsd.export.compression import (  # noqa: E402
+from pocketsd.export.compression.coreml_optimize import (  # noqa: E402
     CompressionConfig,
     LayerCompression,
     compress,
@@ -261,7 +261,7 @@ def test_converted_package_stores_exactly_the_torch_weights_in_the_predicted_byt
 
     """Through the exporter's own writer: palettized layers go through the lossless unique palettization pass,
     int8 through its metadata; either way the package holds exactly the PyTorch weights."""
-    from pocketsd.export.coreml_writer import CoreMLTarget, write_mlpackage
+    from pocketsd.export.backends.coreml.convert import CoreMLTarget, write_mlpackage
     from pocketsd.runtime.manifest import TensorSpec
 
     layers, expected_ops = CONVERSIONS[target]

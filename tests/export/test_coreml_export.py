@@ -12,8 +12,8 @@ coremltools = pytest.importorskip("coremltools")
 pytestmark = pytest.mark.export
 
 from pocketsd.cli import main  # noqa: E402
-from pocketsd.export.coreml_checks import read_spec  # noqa: E402
-from pocketsd.export.coreml_writer import SPEC_VERSION, coreml_name  # noqa: E402
+from pocketsd.export.backends.coreml.check import read_spec  # noqa: E402
+from pocketsd.export.backends.coreml.convert import SPEC_VERSION, coreml_name  # noqa: E402
 from pocketsd.export.exporter import ExportRequest, export_bundle  # noqa: E402
 from pocketsd.export.preset import load_preset  # noqa: E402
 from pocketsd.runtime.manifest import load_manifest  # noqa: E402
@@ -96,7 +96,7 @@ def test_compression_happens_before_the_cut(tiny_model_dir: Path, tmp_path: Path
 def test_mixed_bit_recipe_meets_its_budget_and_inspect_shows_it(tiny_model_dir: Path, tmp_path: Path):
     """The recipe as the exporter runs it (the report is what goes into the manifest's compression entry)."""
     from pocketsd.export.components import SD_COMPONENTS
-    from pocketsd.export.compress_component import compress_component
+    from pocketsd.export.compression.coreml_component import compress_component
     from pocketsd.export.exporter import resolve_dims
     from pocketsd.export.model_loader import load_module, open_model_folder
     from pocketsd.runtime.describe import _notes

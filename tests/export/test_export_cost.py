@@ -17,10 +17,10 @@ pytestmark = pytest.mark.export
 from torch import nn  # noqa: E402
 
 from pocketsd.errors import InternalError  # noqa: E402
-from pocketsd.export import coreml_writer  # noqa: E402
-from pocketsd.export.compression import LayerCompression, compress  # noqa: E402
-from pocketsd.export.coreml_palettes import bits_for, unique_lut, unique_values  # noqa: E402
-from pocketsd.export.coreml_writer import CoreMLTarget, write_mlpackage  # noqa: E402
+from pocketsd.export.backends.coreml import convert as coreml_writer  # noqa: E402
+from pocketsd.export.backends.coreml.convert import CoreMLTarget, write_mlpackage  # noqa: E402
+from pocketsd.export.backends.coreml.palettes import bits_for, unique_lut, unique_values  # noqa: E402
+from pocketsd.export.compression.coreml_optimize import LayerCompression, compress  # noqa: E402
 from pocketsd.runtime.manifest import TensorSpec  # noqa: E402
 from tests.export.compression_helpers import SMALL_INPUT, small  # noqa: E402
 
@@ -132,7 +132,7 @@ def test_compression_writes_over_the_weights_it_replaces():
 def test_onnx_export_lets_go_of_the_weights(tmp_path):
     """The exporter's graph outlives the export (onnxscript's rewrite rules keep the last graph they matched); it
     must not keep the module's weights alive, nor those its optimizer folded away (transposed Linear weights)."""
-    from pocketsd.export.onnx_writer import write_onnx
+    from pocketsd.export.backends.onnx.convert import write_onnx
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32), nn.LayerNorm(32)).eval()

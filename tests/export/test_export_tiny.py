@@ -14,11 +14,11 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.export
 
 from pocketsd.cli import main  # noqa: E402
+from pocketsd.export.backends.onnx.convert import write_onnx  # noqa: E402
 from pocketsd.export.capture import capture  # noqa: E402
 from pocketsd.export.components import SD_COMPONENTS  # noqa: E402
 from pocketsd.export.exporter import ExportRequest, export_bundle, resolve_dims  # noqa: E402
 from pocketsd.export.model_loader import load_module, open_model_folder  # noqa: E402
-from pocketsd.export.onnx_writer import write_onnx  # noqa: E402
 from pocketsd.export.preset import load_preset, with_overrides  # noqa: E402
 from pocketsd.export.random_model import builtin_configs, write_random_model  # noqa: E402
 from pocketsd.runtime.chain import ComponentRunner  # noqa: E402

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.export
 from torch import nn  # noqa: E402
 
 from pocketsd.errors import PresetError  # noqa: E402
-from pocketsd.export.compression import (  # noqa: E402
+from pocketsd.export.compression.coreml_optimize import (  # noqa: E402
     CompressionConfig,
     LayerCompression,
     compress,
@@ -23,7 +23,7 @@ from pocketsd.export.compression import (  # noqa: E402
     resolve_layers,
     simulated_psnr,
 )
-from pocketsd.export.mixed_bit import choose_mixed_bits  # noqa: E402
+from pocketsd.export.compression.mixed_bit import choose_mixed_bits  # noqa: E402
 from tests.export.compression_helpers import KIND, SMALL_INPUT, config, run_small, run_unet, small, tiny_unet  # noqa: E402
 
 

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pocketsd.errors import BundleError
-from pocketsd.export.onnx_optimized import write_optimized
+from pocketsd.export.backends.onnx.optimized import write_optimized
 from pocketsd.runtime import hashing, sessions
 from pocketsd.runtime.manifest import MANIFEST_NAME, load_manifest
 from pocketsd.runtime.pipeline import Pipeline

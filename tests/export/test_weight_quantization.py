@@ -22,18 +22,18 @@ from torch import nn  # noqa: E402
 
 from pocketsd.cli import main  # noqa: E402
 from pocketsd.errors import BundleError, InternalError, PresetError  # noqa: E402
-from pocketsd.export.exporter import ExportRequest, export_bundle  # noqa: E402
-from pocketsd.export.model_loader import load_module, open_model_folder  # noqa: E402
-from pocketsd.export.onnx_quantize import quantize_chunk_file, recover_grid, stored_bytes  # noqa: E402
-from pocketsd.export.onnx_writer import write_onnx  # noqa: E402
-from pocketsd.export.preset import WeightQuantization, load_preset, preset_from_dict  # noqa: E402
-from pocketsd.export.random_model import builtin_configs  # noqa: E402
-from pocketsd.export.weight_quantization import (  # noqa: E402
+from pocketsd.export.backends.onnx.convert import write_onnx  # noqa: E402
+from pocketsd.export.compression.onnx_quantize import quantize_chunk_file, recover_grid, stored_bytes  # noqa: E402
+from pocketsd.export.compression.onnx_weights import (  # noqa: E402
     _stored_bytes,
     fake_quantize,
     quantizable_layers,
     store_chunk_quantized,
 )
+from pocketsd.export.exporter import ExportRequest, export_bundle  # noqa: E402
+from pocketsd.export.model_loader import load_module, open_model_folder  # noqa: E402
+from pocketsd.export.preset import WeightQuantization, load_preset, preset_from_dict  # noqa: E402
+from pocketsd.export.random_model import builtin_configs  # noqa: E402
 from pocketsd.runtime.manifest import load_manifest  # noqa: E402
 from pocketsd.runtime.pipeline import Pipeline  # noqa: E402
 from pocketsd.runtime.sessions import OnnxSession, SessionOptions  # noqa: E402
@@ -76,7 +76,7 @@ def bundle(request: pytest.FixtureRequest) -> Path:
 
 
 def _predicted(model_dir: Path, bundle: Path) -> dict[str, int]:
-    """Stored bytes of every quantized weight, as weight_quantization predicts them for the planner."""
+    """Stored bytes of every quantized weight, as onnx_weights predicts them for the planner."""
     manifest, folder = load_manifest(bundle), open_model_folder(model_dir)
     config = manifest.target["config"]["quantize"]
     predicted = {}
@@ -210,7 +210,7 @@ def test_onnx_conversion_is_lossless(layer: str, mode: str, tmp_path: Path):
 def test_wide_convs_are_dequantized_in_pieces(mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A Conv whose fp32 weight exceeds the piece budget becomes one Conv per output-channel range (each with its
     own DequantizeLinear) and a Concat, computing the same numbers."""
-    import pocketsd.export.onnx_quantize as onnx_quantize
+    import pocketsd.export.compression.onnx_quantize as onnx_quantize
 
     torch.manual_seed(0)
     module = nn.Conv2d(64, 96, 3, padding=1).eval()  # 96 × 64·9·4 B = 216 KiB of fp32 weight
@@ -255,7 +255,7 @@ def test_int8_linears_are_dequantized_per_use_in_pieces(tmp_path: Path, monkeypa
     does."""
     import onnxruntime as ort
 
-    import pocketsd.export.onnx_quantize as onnx_quantize
+    import pocketsd.export.compression.onnx_quantize as onnx_quantize
 
     torch.manual_seed(0)
     module = _SlicedFeedForward().eval()
@@ -291,7 +291,7 @@ def test_int8_linears_are_dequantized_per_use_in_pieces(tmp_path: Path, monkeypa
 
 
 def test_output_pieces_cover_the_channels_within_the_budget():
-    from pocketsd.export.onnx_quantize import output_pieces
+    from pocketsd.export.compression.onnx_quantize import output_pieces
 
     assert output_pieces(1280, 2560 * 9 * 4, 16 * 2**20) == [(i * 160, i * 160 + 160) for i in range(8)]
     assert output_pieces(320, 320 * 9 * 4, 16 * 2**20) == [(0, 320)]

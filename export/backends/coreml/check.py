@@ -13,11 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from pocketsd.contract import DTYPE_BYTES
 from pocketsd.runtime.manifest import TensorSpec
 
 COMPRESSED_OPS = ("constexpr_lut_to_dense", "constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
 WEIGHTS_FILE = Path("Data/com.apple.CoreML/weights/weight.bin")
-_DTYPES = {65568: "float32", 65552: "float16", 131104: "int32"}
+# CoreML's ArrayFeatureType.ArrayDataType codes (FeatureTypes.proto): 0x10000 | bits for floats, 0x20000 | bits for
+# ints. Of the contract's dtypes, a CoreML multi-array holds these three.
+_COREML_ARRAY_DTYPES = ("float32", "float16", "int32")
+_DTYPES = {(0x10000 if name.startswith("float") else 0x20000) | 8 * DTYPE_BYTES[name]: name
+           for name in _COREML_ARRAY_DTYPES}
 
 
 @dataclass(frozen=True)

@@ -24,16 +24,17 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from pocketsd.contract import DEPLOYMENT_TARGETS, DTYPES
 from pocketsd.errors import InternalError
-from pocketsd.export.coreml_palettes import palettization_pipeline, take_palette_metadata
-from pocketsd.export.onnx_writer import quiet_exporter
+from pocketsd.export.backends.coreml.palettes import palettization_pipeline, take_palette_metadata
+from pocketsd.export.backends.onnx.convert import quiet_exporter
 from pocketsd.runtime.manifest import TensorSpec
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")
+TARGETS = tuple(DEPLOYMENT_TARGETS)
 # specificationVersion each deployment target writes (iOS16/macOS13: 7, iOS17/macOS14: 8, iOS18/macOS15: 9)
-SPEC_VERSION = {"iOS16": 7, "macOS13": 7, "iOS17": 8, "macOS14": 8, "iOS18": 9, "macOS15": 9}
+SPEC_VERSION = {name: target.spec_version for name, target in DEPLOYMENT_TARGETS.items()}
 _RESERVED = {"fp16", "fp32", "fp64", "int8", "int16", "int32", "int64", "uint8", "bool", "tensor", "state", "list",
              "tuple", "dict", "string", "bf16", "uint16", "uint32", "uint64", "int4", "uint4"}
 
@@ -62,7 +63,10 @@ class CoreMLTarget:
 
 
 def _np_dtype(dtype: str) -> Any:
-    return {"float32": np.float32, "float16": np.float16, "int32": np.int32, "bool": np.bool_}[dtype]
+    """The numpy scalar type coremltools takes for a contract dtype name (``np.bool_`` for bool)."""
+    if dtype not in DTYPES:
+        raise InternalError(f"no CoreML dtype for {dtype!r}")
+    return np.dtype(dtype).type
 
 
 def write_mlpackage(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], inputs: Sequence[TensorSpec],

@@ -1,4 +1,4 @@
-"""``writer::coreml``: each chunk as an ML program (.mlpackage), checked structurally everywhere and by real
+"""The CoreML chunk writer: each chunk as an ML program (.mlpackage), checked structurally everywhere and by real
 predictions where CoreML can run (macOS).
 """
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from pocketsd.export.backends.coreml.check import COMPRESSED_OPS, check_chunk, read_spec
+from pocketsd.export.backends.coreml.convert import SPEC_VERSION, CoreMLTarget, write_mlpackage
 from pocketsd.export.bundle_files import file_ref
-from pocketsd.export.coreml_checks import COMPRESSED_OPS, check_chunk, read_spec
-from pocketsd.export.coreml_writer import SPEC_VERSION, CoreMLTarget, write_mlpackage
 from pocketsd.export.slicing import ChunkModule
-from pocketsd.export.write_component import WRITERS, ComponentJob, spec_of
+from pocketsd.export.write_component import ComponentJob, spec_of
 from pocketsd.runtime.manifest import Chunk
 from pocketsd.runtime.sessions import SessionOptions
 
@@ -57,6 +57,3 @@ class CoreMLChunkWriter:
 
     def session_options(self) -> SessionOptions:
         return SessionOptions(verify_hashes=False, compute_units="cpu_only")
-
-
-WRITERS.register("coreml")(CoreMLChunkWriter)

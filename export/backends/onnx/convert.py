@@ -19,7 +19,7 @@ import torch
 from onnxscript.optimizer import fold_constants
 
 from pocketsd.errors import InternalError
-from pocketsd.export.onnx_files import save_chunk_model
+from pocketsd.export.backends.onnx.files import save_chunk_model
 from pocketsd.export.plan import PlannedChunk
 
 log = logging.getLogger(__name__)

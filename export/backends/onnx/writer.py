@@ -1,5 +1,6 @@
-"""``writer::onnx``: each chunk as an .onnx graph and its weights file, plus the graph onnxruntime's optimizer makes
-of it (export/onnx_optimized.py), which the runtime opens instead when its onnxruntime version wrote it."""
+"""The ONNX chunk writer: each chunk as an .onnx graph and its weights file (``convert``), plus the graph
+onnxruntime's optimizer makes of it (``optimized``), which the runtime opens instead when its onnxruntime version
+wrote it."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from pocketsd.export import onnx_writer
+from pocketsd.export.backends.onnx import convert
+from pocketsd.export.backends.onnx.optimized import OPTIMIZED_LEVEL, write_optimized
 from pocketsd.export.bundle_files import file_ref
-from pocketsd.export.onnx_optimized import OPTIMIZED_LEVEL, write_optimized
+from pocketsd.export.compression.onnx_weights import store_chunk_quantized
 from pocketsd.export.slicing import ChunkModule
-from pocketsd.export.weight_quantization import store_chunk_quantized
-from pocketsd.export.write_component import WRITERS, ComponentJob, spec_of
+from pocketsd.export.write_component import ComponentJob, spec_of
 from pocketsd.runtime.manifest import Chunk, OptimizedGraph
 from pocketsd.runtime.sessions import ORT_ENGINE, SessionOptions
 
@@ -26,7 +27,7 @@ class OnnxChunkWriter:
         del job  # each chunk's write gets the job; nothing of it is kept
 
     def write(self, job: ComponentJob, cm: ChunkModule, example: list[torch.Tensor]) -> Chunk:
-        files = onnx_writer.write_chunk(cm.plan, cm.module, example, job.folder / f"{cm.plan.id}.onnx")
+        files = convert.write_chunk(cm.plan, cm.module, example, job.folder / f"{cm.plan.id}.onnx")
         extra: dict = {"largest_activation_bytes": cm.plan.largest_activation_bytes}
         quantization = job.preset.quantize.get(job.captured.spec.settings_id)
         if quantization is not None:  # onnx::int8_weights / onnx::int4_weights: store the grid PyTorch measured
@@ -49,6 +50,3 @@ class OnnxChunkWriter:
 
     def session_options(self) -> SessionOptions:
         return SessionOptions(verify_hashes=False)
-
-
-WRITERS.register("onnx")(OnnxChunkWriter)
