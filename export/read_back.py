@@ -20,10 +20,10 @@ def check_scheduler(class_name: Any, config: dict[str, Any], where: str) -> None
     """Refuse, in one line, a scheduler config the runtime's samplers cannot honour: the runtime's own parser
     (``SchedulerConfig.from_dict``) and the default sampler the runtime would pick for ``class_name``."""
     from pocketsd.runtime.pipeline import DEFAULT_SCHEDULERS
-    from pocketsd.runtime.schedulers import SchedulerConfig, make_scheduler
+    from pocketsd.runtime.schedulers import make_scheduler
 
     try:
-        make_scheduler(DEFAULT_SCHEDULERS.get(str(class_name), "euler"), SchedulerConfig.from_dict(dict(config)))
+        make_scheduler(DEFAULT_SCHEDULERS.get(str(class_name), "euler"), config)
     except UserError as exc:
         raise ModelError(f"{where}: pocketsd's samplers cannot run this scheduler config: {exc.message}",
                          exc.hint) from None

@@ -31,7 +31,7 @@ from pocketsd.errors import BundleError, InternalError, ParityError, UserError
 from pocketsd.runtime.execution import check_streamable
 from pocketsd.runtime.manifest import Manifest, TensorSpec
 from pocketsd.runtime.pipeline import Pipeline
-from pocketsd.runtime.schedulers import SchedulerConfig, make_scheduler
+from pocketsd.runtime.schedulers import make_scheduler
 from pocketsd.runtime.sessions import SessionOptions
 from pocketsd.runtime.tiling import TileIO, call_tiled
 
@@ -124,7 +124,7 @@ def _one_step(pipe: Pipeline, manifest: Manifest, latents: tuple[int, ...], rng:
     """``Pipeline.__call__``'s first step and its decode, as one UNet call: guided where the UNet takes a batch of 2
     (both rows in the one call it makes anyway), unguided where it takes 1."""
     guided = int(manifest.dims["unet_batch"]) == 2
-    sched = make_scheduler(pipe.default_scheduler, SchedulerConfig.from_dict(manifest.scheduler["config"]))
+    sched = make_scheduler(pipe.default_scheduler, manifest.scheduler["config"])
     schedule = sched.set_timesteps(STEPS)
     cond = pipe.encode_prompt(PROMPT)
     context = pipe.unet_context(np.concatenate([pipe.encode_prompt(""), cond]) if guided else cond)

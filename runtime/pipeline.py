@@ -27,7 +27,7 @@ from pocketsd.runtime.hashing import sha256_once
 from pocketsd.runtime.images import image_to_array, to_pil
 from pocketsd.runtime.json_fields import REEXPORT, Field
 from pocketsd.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
-from pocketsd.runtime.schedulers import NoiseSource, SchedulerConfig, make_scheduler
+from pocketsd.runtime.schedulers import NoiseSource, make_scheduler
 from pocketsd.runtime.sessions import SessionOptions, check_engine, open_workers, verify_chunk, verify_in_background
 from pocketsd.runtime.tiling import TileIO, call_tiled, decoder_head
 from pocketsd.runtime.tokenizer import ClipTokenizer
@@ -169,8 +169,7 @@ class Pipeline:
             raise GenerateError(f"unknown output_type {output_type!r}", "use 'pil' or 'np'")
         check_request(prompt, negative_prompt, guidance_scale, seed, strength if image is not None else None)
         check_for_generation(self.manifest, str(self.bundle_dir / MANIFEST_NAME))
-        sched = make_scheduler(scheduler or self.default_scheduler,
-                               SchedulerConfig.from_dict(self.manifest.scheduler["config"]))
+        sched = make_scheduler(scheduler or self.default_scheduler, self.manifest.scheduler["config"])
         schedule = sched.set_timesteps(num_inference_steps)  # a bad step count fails before any chunk runs
         if generator is None:
             generator = np.random.default_rng(secrets.randbelow(2**31) if seed is None else int(seed))

@@ -1,6 +1,6 @@
 """numpy ports of diffusers' schedulers, equal to them step by step (the runtime never imports torch).
 
-    sch = make_scheduler("euler", SchedulerConfig.from_dict(scheduler_config_json))
+    sch = make_scheduler("euler", scheduler_config_json)  # the model's config; the port's diffusers defaults fill gaps
     schedule = sch.set_timesteps(30); state = sch.initial_state()
     for i in range(schedule.start_index(strength) if img2img else 0, len(schedule.timesteps)):
         x = sch.scale_model_input(schedule, latents, i)

@@ -56,6 +56,7 @@ class Scheduler:
     """Base of the numpy scheduler ports; subclasses register themselves under ``name``."""
 
     name: ClassVar[str]
+    diffusers_class: ClassVar[str]  # the diffusers scheduler it ports: its defaults fill keys a config leaves out
     order: ClassVar[int] = 1
     prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction", "sample")
 

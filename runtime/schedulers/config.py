@@ -5,6 +5,11 @@ prediction type, timestep spacing, ...) become fields of ``SchedulerConfig``. Ke
 order, Karras sigmas, skipping PRK steps, ...) are chosen by the scheduler id instead (``dpmpp_2m_karras`` means
 DPM++ 2M with Karras sigmas whatever the file says), so they are read past. A key this module does not know, or a
 training key with a value the ports do not implement, is an error naming the key and the allowed values.
+
+A training key the model's config does not set takes the default of the diffusers class that runs the sampler, as
+``DDIMScheduler.from_config(config)`` does (``CLASS_DEFAULTS``): an SDXL config written by ``EulerDiscreteScheduler``
+omits ``clip_sample``, which DDIM then takes as ``True``, not as SD 1.5's ``False``. Keys listed in the config's
+``_use_default_values`` were never chosen by its author, so they take the running class's default too.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
-from pocketsd.errors import GenerateError
+from pocketsd.errors import GenerateError, InternalError
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
@@ -35,6 +40,24 @@ _FIXED_KEYS: dict[str, Any] = {
     "rescale_betas_zero_snr": False,
     "thresholding": False,
     "timestep_type": "discrete",
+}
+
+
+# diffusers' own defaults (its ``__init__`` signatures, diffusers 0.3x) for the training keys above, per scheduler
+# class. Written out because the runtime never imports diffusers; tests/runtime/test_schedulers.py checks the table
+# against the installed diffusers' signatures, key by key.
+_DDPM = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+         "prediction_type": "epsilon", "steps_offset": 0}
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DDIMScheduler": {**_DDPM, "timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": True,
+                      "clip_sample_range": 1.0},
+    "PNDMScheduler": {**_DDPM, "timestep_spacing": "leading", "set_alpha_to_one": False},
+    "EulerDiscreteScheduler": {**_DDPM, "timestep_spacing": "linspace"},
+    "EulerAncestralDiscreteScheduler": {**_DDPM, "timestep_spacing": "linspace"},
+    "DPMSolverMultistepScheduler": {**_DDPM, "timestep_spacing": "linspace"},
+    "LCMScheduler": {**_DDPM, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                     "timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False,
+                     "clip_sample_range": 1.0, "original_inference_steps": 50, "timestep_scaling": 10.0},
 }
 
 
@@ -69,11 +92,21 @@ class SchedulerConfig:
                                 hint=f"it must be below num_train_timesteps ({self.num_train_timesteps})")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SchedulerConfig:
-        """Build from a diffusers scheduler config dict; raise ``GenerateError`` on anything unsupported."""
+    def from_dict(cls, d: dict[str, Any], diffusers_class: str | None = None) -> SchedulerConfig:
+        """Build from a diffusers scheduler config dict as ``diffusers_class`` would read it (its defaults for the
+        keys ``d`` does not set; SD 1.x's when ``None``); raise ``GenerateError`` on anything unsupported."""
+        if not isinstance(d, dict):
+            raise GenerateError(f"a scheduler config must be a JSON object, not {type(d).__name__}")
         known = {f.name for f in fields(cls)}
-        kwargs = {}
+        chosen = d.get("_use_default_values", [])
+        if not isinstance(chosen, list) or not all(isinstance(k, str) for k in chosen):
+            raise GenerateError(f"scheduler config key '_use_default_values' = {chosen!r} is not a list of key names")
+        if diffusers_class is not None and diffusers_class not in CLASS_DEFAULTS:
+            raise InternalError(f"no diffusers defaults recorded for {diffusers_class!r}")
+        kwargs = dict(CLASS_DEFAULTS.get(diffusers_class or "", {}))
         for key, value in d.items():
+            if key in chosen:
+                continue
             if key in known:
                 kwargs[key] = value
             elif key in _FIXED_KEYS:

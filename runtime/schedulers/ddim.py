@@ -15,6 +15,7 @@ from .sigmas import spaced_timesteps, vp_add_noise
 @register
 class DDIM(Scheduler):
     name = "ddim"
+    diffusers_class = "DDIMScheduler"
 
     def _schedule(self, num_inference_steps: int) -> Schedule:
         timesteps = np.round(spaced_timesteps(self.config, num_inference_steps)).astype(np.int64)

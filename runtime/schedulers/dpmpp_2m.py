@@ -38,6 +38,7 @@ def _lambda(alpha: np.float32, sigma: np.float32) -> np.float32:
 @register
 class DPMPP2M(Scheduler):
     name = "dpmpp_2m"
+    diffusers_class = "DPMSolverMultistepScheduler"
     sigma_schedule: ClassVar[SigmaSchedule] = "default"
 
     def _schedule(self, num_inference_steps: int) -> Schedule:

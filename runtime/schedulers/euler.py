@@ -16,6 +16,7 @@ from .sigmas import interp_sigmas, spaced_timesteps, train_sigmas
 @register
 class Euler(Scheduler):
     name = "euler"
+    diffusers_class = "EulerDiscreteScheduler"
 
     def _schedule(self, num_inference_steps: int) -> Schedule:
         timesteps = spaced_timesteps(self.config, num_inference_steps).astype(np.float32)

@@ -17,6 +17,7 @@ from .registry import register
 @register
 class EulerAncestral(Euler):
     name = "euler_a"
+    diffusers_class = "EulerAncestralDiscreteScheduler"
     prediction_types = ("epsilon", "v_prediction")  # diffusers raises NotImplementedError for "sample"
 
     def step(

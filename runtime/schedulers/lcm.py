@@ -22,6 +22,7 @@ _SIGMA_DATA = np.float32(0.5)
 @register
 class LCM(Scheduler):
     name = "lcm"
+    diffusers_class = "LCMScheduler"
 
     def _schedule(self, num_inference_steps: int) -> Schedule:
         original_steps = self.config.original_inference_steps

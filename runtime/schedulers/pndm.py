@@ -26,6 +26,7 @@ class PNDMState:
 @register
 class PNDM(Scheduler):
     name = "pndm"
+    diffusers_class = "PNDMScheduler"
     prediction_types = ("epsilon", "v_prediction")
 
     def _schedule(self, num_inference_steps: int) -> Schedule:

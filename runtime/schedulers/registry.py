@@ -5,7 +5,8 @@ A duplicate id is our bug and raises at import; an unknown id is the user's (``G
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from pocketsd.errors import GenerateError
 from pocketsd.registry import Registry
@@ -28,6 +29,11 @@ def available() -> list[str]:
     return SCHEDULERS.names()
 
 
-def make_scheduler(name: str, config: SchedulerConfig) -> Scheduler:
-    """The scheduler registered as ``name`` (``euler`` or ``sched::euler``), built for ``config``."""
-    return SCHEDULERS.get(name)(config)
+def make_scheduler(name: str, config: SchedulerConfig | Mapping[str, Any]) -> Scheduler:
+    """The scheduler registered as ``name`` (``euler`` or ``sched::euler``), built for ``config``: a model's
+    ``scheduler_config.json`` as a mapping (read as the port's diffusers class reads it, its defaults filling the keys
+    the file leaves out), or a ``SchedulerConfig`` taken as it is."""
+    cls = SCHEDULERS.get(name)
+    if not isinstance(config, SchedulerConfig):
+        config = SchedulerConfig.from_dict(dict(config), cls.diffusers_class)
+    return cls(config)
