@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SCHEDULERS = {
     "PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpmpp_2m", "LCMScheduler": "lcm",
+    "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms",
 }
 StepCallback = Callable[[int, int, np.ndarray], None]  # (step done, steps in total, latents)
 

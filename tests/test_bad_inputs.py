@@ -237,7 +237,7 @@ CASES = [
          "is the staging folder of an export or copy that was interrupted"),
     # -- generate: command-line values
     Case("gen-unknown-engine", gen("--engine", "tensorrt"), "unknown engine 'tensorrt'"),
-    Case("gen-unknown-scheduler", gen("--scheduler", "heun"), "unknown scheduler 'heun'"),
+    Case("gen-unknown-scheduler", gen("--scheduler", "ddpm"), "unknown scheduler 'ddpm'"),
     Case("gen-unknown-memory", gen("--memory", "swap"), "unknown memory policy 'swap'"),
     Case("gen-unknown-compute-units", gen("--compute-units", "tpu"), "argument --compute-units: invalid choice"),
     Case("gen-negative-steps", gen("--steps", "-3"), "--steps is -3"),

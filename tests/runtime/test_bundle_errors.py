@@ -62,8 +62,8 @@ def test_manifest_of_a_future_major_version(bundle: Path, tmp_path: Path, capsys
 
 
 def test_unknown_scheduler(tiny_bundle: Path, tmp_path: Path, capsys):
-    code, err = generate(capsys, tiny_bundle, tmp_path / "x.png", "--scheduler", "heun")
-    assert_one_line(code, err, "unknown scheduler 'heun'", "euler")
+    code, err = generate(capsys, tiny_bundle, tmp_path / "x.png", "--scheduler", "ddpm")
+    assert_one_line(code, err, "unknown scheduler 'ddpm'", "euler")
 
 
 def test_init_image_of_the_wrong_size(tiny_bundle: Path, tmp_path: Path, capsys):
