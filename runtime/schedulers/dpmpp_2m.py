@@ -23,13 +23,13 @@ class DPMState:
     prev_x0: np.ndarray | None = None  # data prediction of the previous step; None right after a (re)start
 
 
-def _alpha_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:
+def alpha_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:
     """VP ``alpha_t, sigma_t`` from a Karras sigma (diffusers' ``_sigma_to_alpha_sigma_t``)."""
     alpha = np.float32(1.0) / np.sqrt(sigma * sigma + np.float32(1.0))
     return alpha, sigma * alpha
 
 
-def _lambda(alpha: np.float32, sigma: np.float32) -> np.float32:
+def half_log_snr(alpha: np.float32, sigma: np.float32) -> np.float32:
     """Half log-SNR; +inf at sigma 0 (the last step), which the first-order update handles as diffusers does."""
     with np.errstate(divide="ignore"):
         return np.log(alpha) - np.log(sigma)
@@ -74,7 +74,7 @@ class DPMPP2M(Scheduler):
         """diffusers' ``convert_model_output`` for dpmsolver++: the model output as a prediction of x0."""
         if self.config.prediction_type == "sample":
             return model_output
-        alpha_t, sigma_t = _alpha_sigma(sigma)
+        alpha_t, sigma_t = alpha_sigma(sigma)
         if self.config.prediction_type == "epsilon":
             return (sample - sigma_t * model_output) / alpha_t
         return alpha_t * sample - sigma_t * model_output
@@ -103,15 +103,15 @@ class DPMPP2M(Scheduler):
         return DPMState()
 
     def add_noise(self, schedule: Schedule, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
-        alpha_t, sigma_t = _alpha_sigma(schedule.sigmas[step_index])
+        alpha_t, sigma_t = alpha_sigma(schedule.sigmas[step_index])
         return alpha_t * as_f32(original) + sigma_t * as_f32(noise)
 
 
 def _first_order(sigma_next: np.float32, sigma_cur: np.float32, sample: np.ndarray, x0: np.ndarray) -> np.ndarray:
     """DPM-Solver++ first order (DDIM in data-prediction form)."""
-    alpha_t, sigma_t = _alpha_sigma(sigma_next)
-    alpha_s, sigma_s = _alpha_sigma(sigma_cur)
-    h = _lambda(alpha_t, sigma_t) - _lambda(alpha_s, sigma_s)
+    alpha_t, sigma_t = alpha_sigma(sigma_next)
+    alpha_s, sigma_s = alpha_sigma(sigma_cur)
+    h = half_log_snr(alpha_t, sigma_t) - half_log_snr(alpha_s, sigma_s)
     return (sigma_t / sigma_s) * sample - (alpha_t * (np.exp(-h) - np.float32(1.0))) * x0
 
 
@@ -119,9 +119,9 @@ def _second_order(
     sigmas: tuple[np.float32, np.float32, np.float32], sample: np.ndarray, m0: np.ndarray, m1: np.ndarray
 ) -> np.ndarray:
     """DPM-Solver++(2M) midpoint update from the current (m0) and previous (m1) data predictions."""
-    (alpha_t, sigma_t), (alpha_s0, sigma_s0), (alpha_s1, sigma_s1) = (_alpha_sigma(s) for s in sigmas)
-    lambda_t, lambda_s0 = _lambda(alpha_t, sigma_t), _lambda(alpha_s0, sigma_s0)
-    lambda_s1 = _lambda(alpha_s1, sigma_s1)
+    (alpha_t, sigma_t), (alpha_s0, sigma_s0), (alpha_s1, sigma_s1) = (alpha_sigma(s) for s in sigmas)
+    lambda_t, lambda_s0 = half_log_snr(alpha_t, sigma_t), half_log_snr(alpha_s0, sigma_s0)
+    lambda_s1 = half_log_snr(alpha_s1, sigma_s1)
     h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
     r0 = h_0 / h
     d1 = (np.float32(1.0) / r0) * (m0 - m1)
