@@ -23,8 +23,10 @@ from pocketsd.runtime.pipeline import Pipeline  # noqa: E402
 
 DIFFUSERS_CLASS = {
     "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "heun": "HeunDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler", "dpmpp_2m_sde_karras": "DPMSolverMultistepScheduler",
 }
+OVERRIDES = {"dpmpp_2m_sde_karras": {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}}
 PROMPT, NEGATIVE = "a lighthouse on a cliff at sunset, oil painting", "blurry, low quality"
 
 
@@ -42,6 +44,7 @@ class TorchNoise:
 def reference(tiny_model_dir: Path):
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
+    pipe.model_config = dict(pipe.scheduler.config)  # the folder's own config: every test's scheduler starts from it
     return pipe
 
 
@@ -53,11 +56,12 @@ def runtime(tiny_bundle: Path) -> Pipeline:
 
 def with_scheduler(pipe, name: str):
     cls = getattr(diffusers, DIFFUSERS_CLASS[name])
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.scheduler = cls.from_config(pipe.model_config, **OVERRIDES.get(name, {}))
     return pipe
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m", "euler_a", "pndm"])
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m", "euler_a", "pndm", "heun", "lms",
+                                       "dpmpp_2m_sde_karras"])
 def test_txt2img_matches_diffusers(reference, runtime: Pipeline, scheduler: str):
     shape = (1, 4, runtime.manifest.dims["latent_height"], runtime.manifest.dims["latent_width"])
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(11))
@@ -69,10 +73,11 @@ def test_txt2img_matches_diffusers(reference, runtime: Pipeline, scheduler: str)
     assert compare(expected, actual).psnr_db >= TOL["pipeline_min_psnr_db"]
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "ddim"])
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "heun"])
 def test_img2img_matches_diffusers(reference, runtime: Pipeline, scheduler: str):
     img2img = diffusers.StableDiffusionImg2ImgPipeline(**reference.components)
     img2img.set_progress_bar_config(disable=True)
+    img2img.model_config = reference.model_config
     size = (runtime.manifest.dims["width"], runtime.manifest.dims["height"])
     gradient = np.linspace(0, 255, size[0] * size[1] * 3).reshape(size[1], size[0], 3).astype(np.uint8)
     from PIL import Image
