@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (≤ 1: off)")
     p.add_argument("--scheduler", help="ddim, euler, euler_a, heun, lms, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, "
-                                       "dpmpp_2m_sde_karras, lcm, pndm (default: the model's own)")
+                                       "dpmpp_2m_sde_karras, unipc, lcm, pndm (default: the model's own)")
     p.add_argument("--seed", type=int, help="same seed, same bundle, same options → the same PNG, byte for byte")
     p.add_argument("--init-image", help="img2img: start from this image (must be the bundle's size)")
     p.add_argument("--strength", type=float, help="img2img: how much to change the init image, 0..1 (default 0.8)")

@@ -39,6 +39,7 @@ DEFAULT_SCHEDULERS = {
     "PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpmpp_2m", "LCMScheduler": "lcm",
     "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms",
+    "UniPCMultistepScheduler": "unipc",
 }
 StepCallback = Callable[[int, int, np.ndarray], None]  # (step done, steps in total, latents)
 

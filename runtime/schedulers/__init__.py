@@ -7,7 +7,7 @@
         latents, state = sch.step(schedule, unet(x, schedule.timesteps[i]), i, latents, state, generator)
 """
 
-from . import ddim, dpmpp_2m, dpmpp_2m_sde, euler, euler_ancestral, heun, lcm, lms, pndm  # noqa: F401  (each registers itself)
+from . import ddim, dpmpp_2m, dpmpp_2m_sde, euler, euler_ancestral, heun, lcm, lms, pndm, unipc  # noqa: F401  (each registers itself)
 from .base import NoiseSource, Schedule, Scheduler, State
 from .config import SchedulerConfig
 from .registry import available, make_scheduler, register

@@ -58,6 +58,7 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "HeunDiscreteScheduler": {**_DDPM, "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "linspace",
                               "clip_sample": False, "clip_sample_range": 1.0},
     "LMSDiscreteScheduler": {**_DDPM, "timestep_spacing": "linspace"},
+    "UniPCMultistepScheduler": {**_DDPM, "timestep_spacing": "linspace"},
     "LCMScheduler": {**_DDPM, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                      "timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": False,
                      "clip_sample_range": 1.0, "original_inference_steps": 50, "timestep_scaling": 10.0},

@@ -25,6 +25,7 @@ DIFFUSERS_CLASS = {
     "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "heun": "HeunDiscreteScheduler",
     "lms": "LMSDiscreteScheduler", "dpmpp_2m_sde_karras": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
 OVERRIDES = {"dpmpp_2m_sde_karras": {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}}
 PROMPT, NEGATIVE = "a lighthouse on a cliff at sunset, oil painting", "blurry, low quality"
@@ -61,7 +62,7 @@ def with_scheduler(pipe, name: str):
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m", "euler_a", "pndm", "heun", "lms",
-                                       "dpmpp_2m_sde_karras"])
+                                       "dpmpp_2m_sde_karras", "unipc"])
 def test_txt2img_matches_diffusers(reference, runtime: Pipeline, scheduler: str):
     shape = (1, 4, runtime.manifest.dims["latent_height"], runtime.manifest.dims["latent_width"])
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(11))
@@ -73,7 +74,7 @@ def test_txt2img_matches_diffusers(reference, runtime: Pipeline, scheduler: str)
     assert compare(expected, actual).psnr_db >= TOL["pipeline_min_psnr_db"]
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "ddim", "heun"])
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "heun", "unipc"])
 def test_img2img_matches_diffusers(reference, runtime: Pipeline, scheduler: str):
     img2img = diffusers.StableDiffusionImg2ImgPipeline(**reference.components)
     img2img.set_progress_bar_config(disable=True)

@@ -87,6 +87,7 @@ DIFFUSERS = {
     "lcm": ("LCMScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_order": 2, "solver_type": "bh2", "predict_x0": True}),
 }
 IDS = sorted(DIFFUSERS)
 
