@@ -46,16 +46,17 @@ class ExportRequest:
     seed: int = 0
     progress: bool = True
     warm_cache: bool = True  # open the ONNX chunks once in place, filling onnxruntime's graph cache (_warm_cache)
+    variant: str | None = None  # weights variant to load (fp16 ...); None: full precision, else the only one there
 
 
-def _model_folder(model: str, stack: ExitStack) -> tuple[ModelFolder, str]:
+def _model_folder(model: str, stack: ExitStack, variant: str | None) -> tuple[ModelFolder, str]:
     if model == "tiny":
         from pocketsd.export.random_model import builtin_configs, write_random_model
 
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pocketsd-tiny-")))
         path = write_random_model(tmp / "tiny", builtin_configs("tiny"))
-        return open_model_folder(path), "tiny (built-in random model)"
-    return open_model_folder(model), str(Path(model).resolve())
+        return open_model_folder(path, variant), "tiny (built-in random model)"
+    return open_model_folder(model, variant), str(Path(model).resolve())
 
 
 def resolve_dims(folder: ModelFolder, preset: Preset) -> Dims:
@@ -135,7 +136,7 @@ def export_bundle(request: ExportRequest) -> Path:
     the lossy steps' quality gates and the parity gate per component, the runtime reading the manifest back, and one
     denoising step through the runtime (export/round_trip.py)."""
     with staged_folder(request.out, "bundle") as staging, ExitStack() as stack:
-        folder, source = _model_folder(request.model, stack)
+        folder, source = _model_folder(request.model, stack, request.variant)
         check_scheduler(folder.scheduler_config.get("_class_name"), folder.scheduler_config,
                         str(folder.path / "scheduler" / "scheduler_config.json"))
         _export_into(folder, source, request, staging).write(staging)
@@ -205,7 +206,8 @@ def _export_into(folder: ModelFolder, source: str, request: ExportRequest, stagi
     return Manifest(
         schema_version=SCHEMA_VERSION,
         model={"source": source, "pipeline": folder.model_index.get("_class_name"),
-               "name": Path(source).name if source.startswith("/") else "tiny"},
+               "name": Path(source).name if source.startswith("/") else "tiny",
+               "weights_variants": {sub: folder.variants.get(sub) for sub in sorted(folder.variants)}},
         target={"preset": preset.name, "preset_source": preset.source, "backend": preset.backend,
                 "precision": preset.precision, "config": preset.to_dict()},
         dims={"height": dims.height, "width": dims.width, "latent_height": dims.latent_height,

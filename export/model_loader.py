@@ -1,7 +1,9 @@
 """Open a diffusers Stable Diffusion folder and load its sub-models for export.
 
 Only safetensors weights are read: a folder that has only pickled ``.bin`` weights is refused with a hint, because
-loading pickles runs arbitrary code.
+loading pickles runs arbitrary code. Each sub-model's weights may be one file or shards with their index, in
+diffusers' names, full precision or a variant (``fp16``): ``--variant`` picks one, and without it a sub-model whose
+only weights are one variant uses that one. Loading itself is diffusers' and transformers' ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ class ModelFolder:
     path: Path
     model_index: dict[str, Any]
     scheduler_config: dict[str, Any]
+    variants: dict[str, str | None] = field(default_factory=dict)  # sub-model -> weights variant loaded (None: full)
 
     def config(self, subfolder: str) -> dict[str, Any]:
         return read_json(self.path / subfolder / "config.json")
@@ -38,7 +41,7 @@ class ModelFolder:
         return {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
 
 
-def open_model_folder(path: str | Path) -> ModelFolder:
+def open_model_folder(path: str | Path, variant: str | None = None) -> ModelFolder:
     root = Path(path)
     if not root.is_dir():
         raise ModelError(f"model folder {root} " + ("is a file" if root.exists() else "does not exist"),
@@ -52,8 +55,9 @@ def open_model_folder(path: str | Path) -> ModelFolder:
     if kind not in SUPPORTED_PIPELINES:
         raise ModelError(f"{root} is a {kind}, which this pocketsd cannot export yet",
                          f"supported: {', '.join(SUPPORTED_PIPELINES)}", code="unsupported-model")
-    for sub, label in _SUBFOLDERS.items():
-        _check_weights(root / sub, label)
+    if variant is not None and not _VARIANT_NAME.fullmatch(variant):
+        raise ModelError(f"--variant {variant!r} is not a weights variant name", "use e.g. --variant fp16")
+    variants = {sub: _weights_variant(root / sub, label, variant) for sub, label in _SUBFOLDERS.items()}
     tok = root / "tokenizer"
     for name in ("vocab.json", "merges.txt"):
         if not (tok / name).is_file():
@@ -63,13 +67,41 @@ def open_model_folder(path: str | Path) -> ModelFolder:
     if not sched.is_file():
         raise ModelError(f"{root} is missing its scheduler: {sched} not found",
                          "copy the scheduler/ folder of the original model into the model folder")
-    return ModelFolder(root, index, read_json(sched))
+    return ModelFolder(root, index, read_json(sched), variants)
 
 
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                "text_encoder": "model.safetensors"}  # the one file diffusers' from_pretrained reads per sub-model
-_SHARD = re.compile(r".*-\d+-of-\d+\.safetensors|.*\.safetensors\.index\.json")
+                "text_encoder": "model.safetensors"}  # diffusers' name for each sub-model's full-precision weights
+_VARIANT_NAME = re.compile(r"[A-Za-z0-9_]{1,32}")
 _PICKLES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+def weight_layouts(folder: Path) -> dict[str | None, str]:
+    """The loadable weights in a sub-model folder, by variant (None: full precision): each the file
+    ``from_pretrained`` opens first (the single file, or the shard index naming the shards), in diffusers' names:
+    ``model.safetensors`` / ``model.safetensors.index.json``, ``model.fp16.safetensors`` /
+    ``model.safetensors.index.fp16.json``. A shard index whose shards are not all there does not count."""
+    stem = WEIGHT_FILES[folder.name][:-len(".safetensors")]
+    single = re.compile(re.escape(stem) + r"(?:\.(?P<v>[A-Za-z0-9_]{1,32}))?\.safetensors")
+    index = re.compile(re.escape(stem) + r"\.safetensors\.index(?:\.(?P<v>[A-Za-z0-9_]{1,32}))?\.json")
+    found: dict[str | None, str] = {}
+    for name in sorted(p.name for p in folder.iterdir() if p.is_file()):
+        if m := single.fullmatch(name):
+            found.setdefault(m["v"], name)
+        elif (m := index.fullmatch(name)) and _shards_present(folder / name):
+            found.setdefault(m["v"], name)
+    return found
+
+
+def _shards_present(index: Path) -> bool:
+    try:
+        weight_map = json.loads(index.read_bytes()).get("weight_map")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+    if not isinstance(weight_map, dict) or not weight_map:
+        return False
+    shards = set(weight_map.values())
+    return all(isinstance(s, str) and "/" not in s and (index.parent / s).is_file() for s in shards)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -85,33 +117,41 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _check_weights(folder: Path, label: str) -> None:
-    """The sub-model's weights are the one safetensors file diffusers reads (``WEIGHT_FILES``). Pickles are never
-    loaded (loading one runs arbitrary code); fp16-variant-only and sharded folders are refused for now, saying what
-    was found: diffusers would need a variant or shard index that pocketsd does not pass yet."""
+def _weights_variant(folder: Path, label: str, wanted: str | None) -> str | None:
+    """Which weights of this sub-model to load: ``wanted`` (a variant name) where given, else the full-precision
+    weights, else the one variant there is. Pickles are never loaded (loading one runs arbitrary code)."""
     if not (folder / "config.json").is_file():
         raise ModelError(f"the model folder is missing its {label}: {folder / 'config.json'} not found",
                          f"copy the {folder.name}/ folder of the original model into the model folder")
-    expected = WEIGHT_FILES[folder.name]
-    if (folder / expected).is_file():
-        return
+    layouts = weight_layouts(folder)
+    have = ", ".join(sorted("full precision" if v is None else v for v in layouts)) or "none"
+    if wanted is not None:
+        if wanted not in layouts:
+            raise ModelError(f"variant {wanted!r} is not there: {folder} has no {wanted} weights (weights found: "
+                             f"{have})", "leave out --variant to load the full-precision weights"
+                             if None in layouts else f"pass one of: {have}", code="unsupported-weights")
+        return wanted
+    if None in layouts:
+        return None
+    if len(layouts) == 1:
+        (only,) = layouts
+        log.info("%s: only %s weights found (%s); loading them in float32", folder, only, layouts[only])
+        return only
+    if layouts:
+        raise ModelError(f"{folder} has several weight variants ({have}) and no full-precision weights",
+                         f"choose one with --variant, e.g. --variant {sorted(layouts)[0]}", code="unsupported-weights")
     names = sorted(p.name for p in folder.iterdir() if p.name.endswith((".safetensors", ".json", *_PICKLES)))
-    shards = [n for n in names if _SHARD.fullmatch(n)]
-    variants = [n for n in names if n.endswith(".safetensors") and n.startswith(expected[:-len(".safetensors")] + ".")]
     pickles = [n for n in names if n.endswith(_PICKLES)]
-    if shards:
-        raise ModelError(f"{folder} holds sharded weights ({_listed(shards)}), which pocketsd cannot read yet",
-                         f"save the {label} as one file: load it with diffusers and save_pretrained(..., "
-                         f"max_shard_size='100GB'), which writes {expected}", code="unsupported-weights")
-    if variants:
-        raise ModelError(f"{folder} has only variant weights ({_listed(variants)}), no {expected}",
-                         f"rename {variants[0]} to {expected} (pocketsd loads it in float32), or save the model "
-                         "again without variant=", code="unsupported-weights")
     if pickles:
         raise ModelError(f"no safetensors weights in {folder}",
                          f"only pickled weights found ({_listed(pickles)}); pocketsd never loads pickles — convert "
                          "them to safetensors first", code="unsupported-weights")
-    raise ModelError(f"no {expected} in {folder}" + (f" (found: {_listed(names)})" if names else ""),
+    shards = [n for n in names if re.fullmatch(r".*-\d+-of-\d+\.safetensors|.*\.index(\.\w+)?\.json", n)]
+    if shards:
+        raise ModelError(f"{folder} holds incomplete sharded weights ({_listed(shards)}): the shard index or a shard "
+                         "it names is missing", "copy this sub-model's folder again from the original model",
+                         code="unsupported-weights")
+    raise ModelError(f"no {WEIGHT_FILES[folder.name]} in {folder}" + (f" (found: {_listed(names)})" if names else ""),
                      f"put the {label} weights, saved by diffusers' save_pretrained, in {folder}")
 
 
@@ -141,7 +181,8 @@ def load_module(folder: ModelFolder, subfolder: str) -> Any:
     from safetensors import SafetensorError
 
     try:
-        module = cls.from_pretrained(folder.path / subfolder, use_safetensors=True, torch_dtype=torch.float32)
+        module = cls.from_pretrained(folder.path / subfolder, use_safetensors=True, torch_dtype=torch.float32,
+                                     variant=folder.variants.get(subfolder))
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         # a truncated or foreign weights file, a config that does not fit the weights: the user's files, not our bug
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

@@ -50,7 +50,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise PresetError("command line: --chunks names a component twice", "give each component once")
     preset = with_overrides(load_preset(args.preset), chunks, args.max_chunk_mb, args.resolution)
     out = export_bundle(ExportRequest(model=args.model, preset=preset, out=Path(args.out), seed=args.seed,
-                                      progress=not args.quiet, warm_cache=not args.no_warm_cache))
+                                      progress=not args.quiet, warm_cache=not args.no_warm_cache,
+                                      variant=args.variant))
     print(f"wrote bundle {out} (preset {preset.name}); see `pocketsd inspect {out}`")
     return 0
 
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="'tiny' (built-in) or a diffusers model folder")
     p.add_argument("--preset", default="cpu", help="built-in preset name (cpu, cpu-lowmem, ...) or a YAML file")
     p.add_argument("--out", required=True, help="bundle folder to create (must not exist or be empty)")
+    p.add_argument("--variant", help="load this weights variant (e.g. fp16: model.fp16.safetensors), in float32; "
+                                     "default: the full-precision weights, else the one variant a sub-model has")
     p.add_argument("--chunks", type=_chunks_arg, action="append", metavar="COMPONENT=N",
                    help="cut COMPONENT into N chunks (overrides the preset; repeatable)")
     p.add_argument("--max-chunk-mb", type=float, help="cut every component so no chunk holds more weights than this")
