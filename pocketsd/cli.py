@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
-from pocketsd.contract import COMPUTE_UNITS
+from pocketsd.contract import COMPUTE_UNITS, MAX_IMAGES
 from pocketsd.errors import GenerateError, OutputError, PresetError, UserError
 
 
@@ -128,12 +128,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-        image = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                     guidance_scale=args.guidance, scheduler=params["scheduler"], seed=seed, image=init,
-                     strength=params.get("strength", 0.8), callback=on_step)
-    save_png(image, args.out, params)
-    print(f"wrote {args.out} (seed {seed})")
+        images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, scheduler=params["scheduler"], seed=seed, image=init,
+                      strength=params.get("strength", 0.8), callback=on_step, num_images_per_prompt=args.num_images)
+    if args.num_images == 1:
+        save_png(images, args.out, params)
+        print(f"wrote {args.out} (seed {seed})")
+        return 0
+    paths = image_paths(Path(args.out), args.num_images)
+    for index, (image, path) in enumerate(zip(images, paths), start=1):
+        save_png(image, path, {**params, "num_images": args.num_images, "image_index": index})
+    print(f"wrote {len(paths)} images, {paths[0]} … {paths[-1]} (seed {seed})")
     return 0
+
+
+def image_paths(out: Path, n: int) -> list[Path]:
+    """``--out x.png`` with ``--num-images n`` > 1: x-1.png … x-n.png (zero-padded to the same width)."""
+    width = len(str(n))
+    return [out.with_name(f"{out.stem}-{i:0{width}d}{out.suffix or '.png'}") for i in range(1, n + 1)]
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:
@@ -148,6 +160,8 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise GenerateError(f"--seed is {args.seed}", "give a seed ≥ 0, or none for a random one")
     if args.threads is not None and args.threads < 0:
         raise GenerateError(f"--threads is {args.threads}", "give a number of threads ≥ 0 (0: all cores)")
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        raise GenerateError(f"--num-images is {args.num_images}", f"give a number of images from 1 to {MAX_IMAGES}")
     out = Path(args.out)
     if out.is_dir() or not out.parent.is_dir():
         raise OutputError(f"cannot write {out}: " + ("it is a folder" if out.is_dir() else f"{out.parent} is not a "
@@ -251,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when chunks are loaded: resident (all kept), stream (one at a time: least memory), prefetch "
                         "(stream, loading the next chunk while one runs); default: the bundle's preset, else resident")
     p.add_argument("--low-memory", action="store_true", help="the same as --memory stream")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True, help="PNG to write (with --num-images N > 1: OUT-1.png … OUT-N.png)")
+    p.add_argument("--num-images", type=int, default=1, help="images from the one prompt, denoised as one batch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_generate)
 

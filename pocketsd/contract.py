@@ -86,3 +86,7 @@ TEXT_ENCODER_IO = TextEncoderIO()
 UNET_IO = UnetIO()
 VAE_DECODER_IO = VaeDecoderIO()
 VAE_ENCODER_IO = VaeEncoderIO()
+
+# Images one generate call makes from one prompt (each is one row of every UNet call): checked by the CLI before the
+# bundle is loaded and by the pipeline.
+MAX_IMAGES = 64

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pocketsd.contract import TEXT_ENCODER_IO, UNET_IO, VAE_DECODER_IO, VAE_ENCODER_IO
+from pocketsd.contract import MAX_IMAGES, TEXT_ENCODER_IO, UNET_IO, VAE_DECODER_IO, VAE_ENCODER_IO
 from pocketsd.errors import BundleError, GenerateError
 from pocketsd.runtime.chain import ComponentRunner
 from pocketsd.runtime.execution import check_memory, check_streamable, chunk_opener, make_policy
@@ -161,14 +161,19 @@ class Pipeline:
                  guidance_scale: float = 7.5, scheduler: str | None = None, seed: int | None = None,
                  latents: np.ndarray | None = None, image: Any = None, strength: float = 0.8, *,
                  generator: NoiseSource | None = None, callback: StepCallback | None = None,
-                 output_type: str = "pil") -> Any:
-        """Generate one image. ``image`` switches to img2img (then ``latents`` is ignored and ``strength`` used).
+                 output_type: str = "pil", num_images_per_prompt: int = 1) -> Any:
+        """Generate one image, or a list of ``num_images_per_prompt`` images from one prompt (their latents drawn
+        as one batch and denoised together, as diffusers does). ``image`` switches to img2img (then ``latents`` is
+        ignored and ``strength`` used).
 
         ``seed`` seeds a numpy generator (drawn at random and recorded when omitted); ``generator`` replaces it with
         any object that has ``standard_normal(shape, dtype)``. ``output_type``: ``pil`` or ``np`` (float32 HWC in
-        [0, 1]). ``callback(step, total, latents)`` runs after every step."""
+        [0, 1]; several images: one NHWC array). ``callback(step, total, latents)`` runs after every step."""
         if output_type not in ("pil", "np"):
             raise GenerateError(f"unknown output_type {output_type!r}", "use 'pil' or 'np'")
+        n = num_images_per_prompt
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_IMAGES:
+            raise GenerateError(f"num_images_per_prompt must be an integer from 1 to {MAX_IMAGES}, got {n!r}")
         check_request(prompt, negative_prompt, guidance_scale, seed, strength if image is not None else None)
         check_for_generation(self.manifest, str(self.bundle_dir / MANIFEST_NAME))
         sched = make_scheduler(scheduler or self.default_scheduler, self.manifest.scheduler["config"])
@@ -184,16 +189,16 @@ class Pipeline:
             self._expect(after_text)
             cond = np.concatenate([finite(self.encode_prompt(negative), "before the first step",
                                           "the text encoder output for the negative prompt"), cond])
-        context = self.unet_context(cond)
+        context = self.unet_context(np.repeat(cond, n, axis=0))  # [negative] * n + [prompt] * n, as diffusers
         if image is not None:
             start = schedule.start_index(strength)
             if start >= len(schedule.timesteps):
                 raise GenerateError(f"strength {strength} with {num_inference_steps} steps leaves no step to run",
                                     "raise --strength or --steps")
-            x = self._img2img_latents(image, sched, schedule, start, generator)
+            x = self._img2img_latents(image, sched, schedule, start, generator, n)
         else:
             start = 0
-            x = finite(self._initial_latents(latents, generator), "before the first step", "the initial noise")
+            x = finite(self._initial_latents(latents, generator, n), "before the first step", "the initial noise")
             x = x * np.float32(schedule.init_noise_sigma)
         state = sched.initial_state()
         total = len(schedule.timesteps) - start
@@ -214,16 +219,21 @@ class Pipeline:
             finite(x, f"step {done} of {total}", f"the {sched.__class__.__name__} update of the latents")
             if callback is not None:
                 callback(done, total, x)
-        pixels = finite(self.decode(x), "after the last step", "the VAE decoder output")  # gives prefetch its hints
+        images = []
+        for row in range(n):  # gives prefetch its hints: the decoder again until the last image
+            pixels = self.decode(x[row:row + 1], then="vae_decoder" if row < n - 1 else None)
+            images.append(finite(pixels, "after the last step", "the VAE decoder output"))
         self.policy.release()
-        return to_pil(pixels) if output_type == "pil" else pixels
+        if output_type == "np":
+            return images[0] if n == 1 else np.stack(images)
+        return to_pil(images[0]) if n == 1 else [to_pil(i) for i in images]
 
-    def _latent_shape(self) -> tuple[int, int, int, int]:
+    def _latent_shape(self, n: int = 1) -> tuple[int, int, int, int]:
         d = self.manifest.dims
-        return 1, d["latent_channels"], d["latent_height"], d["latent_width"]
+        return n, d["latent_channels"], d["latent_height"], d["latent_width"]
 
-    def _initial_latents(self, latents: np.ndarray | None, generator: NoiseSource) -> np.ndarray:
-        shape = self._latent_shape()
+    def _initial_latents(self, latents: np.ndarray | None, generator: NoiseSource, n: int) -> np.ndarray:
+        shape = self._latent_shape(n)
         if latents is None:
             return np.asarray(generator.standard_normal(shape, dtype=np.float32), dtype=np.float32)
         latents = np.asarray(latents, dtype=np.float32)
@@ -231,7 +241,8 @@ class Pipeline:
             raise GenerateError(f"latents have shape {list(latents.shape)}, the bundle needs {list(shape)}")
         return latents
 
-    def _img2img_latents(self, image: Any, sched: Any, schedule: Any, start: int, generator: NoiseSource) -> np.ndarray:
+    def _img2img_latents(self, image: Any, sched: Any, schedule: Any, start: int, generator: NoiseSource,
+                         n: int) -> np.ndarray:
         d = self.manifest.dims
         pixels = image_to_array(image, d["height"], d["width"])
         io = TileIO(VAE_ENCODER_IO.x, VAE_ENCODER_IO.latent, int(d["vae_scale_factor"]), 1)
@@ -241,6 +252,7 @@ class Pipeline:
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0)).astype(np.float32)
         eps = np.asarray(generator.standard_normal(mean.shape, dtype=np.float32), dtype=np.float32)
         init = (mean + std * eps) * np.float32(self.manifest.latent_scaling_factor)
+        init = np.concatenate([init] * n)  # one encoding of the image for every image made, as diffusers
         noise = np.asarray(generator.standard_normal(init.shape, dtype=np.float32), dtype=np.float32)
         return sched.add_noise(schedule, init, noise, start)
 
@@ -251,7 +263,7 @@ class Pipeline:
         return call_tiled(runner.run_many, runner.component, x, io,
                           before_pass=lambda last: self._expect(then if last else component_id))
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
+    def decode(self, latents: np.ndarray, then: str | None = None) -> np.ndarray:
         """Latents → float32 HWC image in [0, 1], as diffusers' VAE decode and image post-processing. A tiled
         decoder (runtime/tiling.py) runs once per tile, its tiles blended; with whole-image GroupNorm statistics,
         twice per tile."""
@@ -262,7 +274,7 @@ class Pipeline:
             runner = self.runner(head.id)
             scaled = runner(**{head.inputs[0].name: scaled})[head.outputs[0].name]
         io = TileIO(decoder.inputs[0].name, VAE_DECODER_IO.image, 1, int(self.manifest.dims["vae_scale_factor"]))
-        image = self._call_vae("vae_decoder", scaled, io, then=None)
+        image = self._call_vae("vae_decoder", scaled, io, then=then)
         image = np.clip(image / 2 + 0.5, 0.0, 1.0)
         return np.transpose(image[0], (1, 2, 0)).astype(np.float32)
 

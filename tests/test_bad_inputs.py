@@ -241,6 +241,7 @@ CASES = [
     Case("gen-unknown-memory", gen("--memory", "swap"), "unknown memory policy 'swap'"),
     Case("gen-unknown-compute-units", gen("--compute-units", "tpu"), "argument --compute-units: invalid choice"),
     Case("gen-negative-steps", gen("--steps", "-3"), "--steps is -3"),
+    Case("gen-zero-images", gen("--num-images", "0"), "--num-images is 0"),
     Case("gen-steps-not-a-number", gen("--steps", "many"), "argument --steps: invalid int value: 'many'"),
     Case("gen-guidance-nan", gen("--guidance", "nan"), "--guidance is nan"),
     Case("gen-strength-out-of-range", gen("--init-image", "x.png", "--strength", "1.5"), "--strength is 1.5"),
