@@ -1,8 +1,11 @@
 """Build a Stable Diffusion folder with random weights from the configs shipped in ``model_configs/``.
 
 ``tiny`` is small enough that export + tests take seconds; ``sd15`` is the published SD 1.5 architecture, so speed,
-memory and size measured on it are real even though its pictures are noise. Both are deterministic (fixed seed) and
-written in the standard diffusers layout that ``StableDiffusionPipeline.from_pretrained`` loads.
+memory and size measured on it are real even though its pictures are noise. ``sd21`` is SD 2.1 (768-v: OpenCLIP-H
+text encoder in CLIPTextModel form, v-prediction, linear projections, upcast attention, ``!`` as the tokenizer's pad
+token) and ``tiny-sd21`` the same family at the tiny size. A folder may add ``pipeline.json``: its tokenizer pad
+token. All are deterministic (fixed seed) and written in the standard diffusers layout that
+``StableDiffusionPipeline.from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pocketsd.errors import UserError
 from pocketsd.staging import staged_folder
 
 log = logging.getLogger(__name__)
-ARCHS = ("tiny", "sd15")
+ARCHS = ("tiny", "sd15", "tiny-sd21", "sd21")
 SEED = 0
 
 
@@ -39,10 +42,11 @@ def builtin_configs(arch: str) -> ModelConfigs:
         raise UserError(f"unknown architecture {arch!r}", f"choose one of: {', '.join(ARCHS)}", code="arch")
     folder = resources.files("pocketsd.export") / "model_configs" / arch
     load = lambda name: json.loads((folder / f"{name}.json").read_text())  # noqa: E731
-    return ModelConfigs(load("unet"), load("vae"), load("text_encoder"), load("scheduler"), arch=arch)
+    extra = load("pipeline") if (folder / "pipeline.json").is_file() else {}
+    return ModelConfigs(load("unet"), load("vae"), load("text_encoder"), load("scheduler"), arch=arch, extra=extra)
 
 
-def _model_index(diffusers_version: str) -> dict[str, Any]:
+def _model_index(diffusers_version: str, scheduler_class: str) -> dict[str, Any]:
     return {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers_version,
@@ -50,7 +54,7 @@ def _model_index(diffusers_version: str) -> dict[str, Any]:
         "image_encoder": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
+        "scheduler": ["diffusers", scheduler_class],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
@@ -61,13 +65,16 @@ def _model_index(diffusers_version: str) -> dict[str, Any]:
 def _write_components(configs: ModelConfigs, root: Path) -> None:
     import diffusers
     import torch
+    import transformers
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from pocketsd.export.tokenizer_files import write_clip_tokenizer
 
     diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # its "Writing model shards" bar is noise for one file
 
-    write_clip_tokenizer(root / "tokenizer", vocab_size=configs.text_encoder["vocab_size"])
+    pad_token = configs.extra.get("tokenizer_pad_token", "<|endoftext|>")
+    write_clip_tokenizer(root / "tokenizer", vocab_size=configs.text_encoder["vocab_size"], pad_token=pad_token)
     vocab = json.loads((root / "tokenizer" / "vocab.json").read_text())
     special = {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
                "pad_token_id": vocab["<|endoftext|>"]}
@@ -82,8 +89,10 @@ def _write_components(configs: ModelConfigs, root: Path) -> None:
     del unet
     torch.manual_seed(SEED + 2)
     diffusers.AutoencoderKL(**configs.vae).save_pretrained(root / "vae", safe_serialization=True)
-    diffusers.PNDMScheduler.from_config(configs.scheduler).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps(_model_index(diffusers.__version__), indent=2) + "\n")
+    scheduler_class = configs.scheduler.get("_class_name", "PNDMScheduler")
+    getattr(diffusers, scheduler_class).from_config(configs.scheduler).save_pretrained(root / "scheduler")
+    index = _model_index(diffusers.__version__, scheduler_class)
+    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def write_random_model(out_dir: str | Path, configs: ModelConfigs) -> Path:

@@ -222,9 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("random-model", help="write a diffusers SD folder with random weights (tiny or sd15)")
+    p = sub.add_parser("random-model", help="write a diffusers SD folder with random weights")
     p.add_argument("dir")
-    p.add_argument("--arch", choices=("tiny", "sd15"), default="tiny")
+    from pocketsd.export.random_model import ARCHS
+
+    p.add_argument("--arch", choices=ARCHS, default="tiny",
+                   help="tiny, sd15 (SD 1.5), tiny-sd21 or sd21 (SD 2.1 768-v); sd15 and sd21 at full published size")
     p.set_defaults(run=cmd_random_model)
 
     p = sub.add_parser("export", help="export a model to a chunked, parity-checked bundle")

@@ -28,17 +28,21 @@ from pocketsd.export.components.attention import (  # noqa: E402
 MAX_ABS = 1e-5
 
 
-def config(name: str) -> dict:
-    return json.loads((resources.files("pocketsd.export") / "model_configs" / "tiny" / f"{name}.json").read_text())
+def config(name: str, arch: str = "tiny") -> dict:
+    return json.loads((resources.files("pocketsd.export") / "model_configs" / arch / f"{name}.json").read_text())
 
 
 # sliced: 0.01 MiB cuts the tiny UNet's self-attention (2 × 8 heads × 256 keys) into one-query blocks and the VAE's
 # mid-block attention (64 queries × 64 keys) into 40 + 24; 0.2 MiB into blocks of 12 and whole
+# tiny-sd21: SD 2.x's upcast attention, linear projections and per-block head counts; every form must keep the
+# module's own scale (head width 16 there, 4 in tiny)
+@pytest.mark.parametrize("arch", ["tiny", "tiny-sd21"])
 @pytest.mark.parametrize("form, slice_mb", [("split_einsum", 16.0), ("original", 16.0), ("sliced", 0.01),
                                             ("sliced", 0.2)])
-def test_unet_attention_forms_agree(form: str, slice_mb: float):
+def test_unet_attention_forms_agree(form: str, slice_mb: float, arch: str):
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(**config("unet")).eval()
+    unet = diffusers.UNet2DConditionModel(**config("unet", arch)).eval()
+    assert unet.config.upcast_attention == (arch == "tiny-sd21")
     args = (torch.randn(2, 4, 16, 16), torch.tensor([10.0, 500.0]), torch.randn(2, 77, 32))
     with torch.no_grad():
         expected = unet(*args).sample
