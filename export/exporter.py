@@ -18,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pocketsd import __version__
-from pocketsd.errors import PresetError
+from pocketsd.errors import ModelError, PresetError
 from pocketsd.export.backends.base import Prepared, backend_for
 from pocketsd.export.bundle_files import file_ref, write_plan, write_tokenizer
 from pocketsd.export.capture import capture
@@ -71,7 +71,13 @@ def resolve_dims(folder: ModelFolder, preset: Preset) -> Dims:
     if text["hidden_size"] != unet["cross_attention_dim"]:
         raise PresetError(f"text encoder width {text['hidden_size']} differs from the UNet's cross-attention width "
                           f"{unet['cross_attention_dim']}: the model folder mixes two models")
-    return Dims(height=height, width=width, latent_channels=int(unet["in_channels"]), vae_scale_factor=scale,
+    latent, unet_in = int(unet.get("out_channels", 4)), int(unet.get("in_channels", 4))
+    if unet_in not in (latent, 2 * latent + 1) or int(vae.get("latent_channels", 4)) != latent:
+        raise ModelError(f"a UNet with {unet_in} input and {latent} output channels over a VAE with "
+                         f"{vae.get('latent_channels', 4)} latent channels is not a model pocketsd can export",
+                         f"supported: {latent} input channels (text to image) or {2 * latent + 1} (inpainting)",
+                         code="unsupported-model")
+    return Dims(height=height, width=width, latent_channels=latent, unet_in_channels=unet_in, vae_scale_factor=scale,
                 text_length=int(text["max_position_embeddings"]), text_hidden=int(text["hidden_size"]),
                 vocab_size=int(text["vocab_size"]), unet_batch=preset.unet_batch,
                 vae_tile=preset.vae_tiling.tile if preset.vae_tiling else 0,
@@ -212,6 +218,7 @@ def _export_into(folder: ModelFolder, source: str, request: ExportRequest, stagi
                 "precision": preset.precision, "config": preset.to_dict()},
         dims={"height": dims.height, "width": dims.width, "latent_height": dims.latent_height,
               "latent_width": dims.latent_width, "latent_channels": dims.latent_channels,
+              "unet_in_channels": dims.unet_sample_channels,
               "vae_scale_factor": dims.vae_scale_factor, "text_length": dims.text_length,
               "text_hidden": dims.text_hidden, "vocab_size": dims.vocab_size, "unet_batch": dims.unet_batch},
         latent_scaling_factor=float(vae.get("scaling_factor", 0.18215)),

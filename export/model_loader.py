@@ -19,7 +19,7 @@ from pocketsd.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 _SUBFOLDERS = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder"}
 

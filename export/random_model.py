@@ -3,9 +3,10 @@
 ``tiny`` is small enough that export + tests take seconds; ``sd15`` is the published SD 1.5 architecture, so speed,
 memory and size measured on it are real even though its pictures are noise. ``sd21`` is SD 2.1 (768-v: OpenCLIP-H
 text encoder in CLIPTextModel form, v-prediction, linear projections, upcast attention, ``!`` as the tokenizer's pad
-token) and ``tiny-sd21`` the same family at the tiny size. A folder may add ``pipeline.json``: its tokenizer pad
-token. All are deterministic (fixed seed) and written in the standard diffusers layout that
-``StableDiffusionPipeline.from_pretrained`` loads.
+token) and ``tiny-sd21`` the same family at the tiny size. ``sd15-inpaint`` is SD 1.5's inpainting model (a UNet
+of 9 input channels: latents, mask, masked image latents), ``tiny-inpaint`` its tiny twin. A folder may add
+``pipeline.json``: its pipeline class and tokenizer pad token. All are deterministic (fixed seed) and written in
+the standard diffusers layout that the pipeline class's ``from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pocketsd.errors import UserError
 from pocketsd.staging import staged_folder
 
 log = logging.getLogger(__name__)
-ARCHS = ("tiny", "sd15", "tiny-sd21", "sd21")
+ARCHS = ("tiny", "sd15", "tiny-sd21", "sd21", "tiny-inpaint", "sd15-inpaint")
 SEED = 0
 
 
@@ -46,9 +47,9 @@ def builtin_configs(arch: str) -> ModelConfigs:
     return ModelConfigs(load("unet"), load("vae"), load("text_encoder"), load("scheduler"), arch=arch, extra=extra)
 
 
-def _model_index(diffusers_version: str, scheduler_class: str) -> dict[str, Any]:
+def _model_index(diffusers_version: str, scheduler_class: str, pipeline_class: str) -> dict[str, Any]:
     return {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": pipeline_class,
         "_diffusers_version": diffusers_version,
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
@@ -91,7 +92,8 @@ def _write_components(configs: ModelConfigs, root: Path) -> None:
     diffusers.AutoencoderKL(**configs.vae).save_pretrained(root / "vae", safe_serialization=True)
     scheduler_class = configs.scheduler.get("_class_name", "PNDMScheduler")
     getattr(diffusers, scheduler_class).from_config(configs.scheduler).save_pretrained(root / "scheduler")
-    index = _model_index(diffusers.__version__, scheduler_class)
+    index = _model_index(diffusers.__version__, scheduler_class,
+                         configs.extra.get("pipeline_class", "StableDiffusionPipeline"))
     (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 

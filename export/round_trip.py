@@ -130,6 +130,9 @@ def _one_step(pipe: Pipeline, manifest: Manifest, latents: tuple[int, ...], rng:
     context = pipe.unet_context(np.concatenate([pipe.encode_prompt(""), cond]) if guided else cond)
     x = rng.standard_normal(latents, dtype=np.float32) * np.float32(schedule.init_noise_sigma)
     model_in = sched.scale_model_input(schedule, x, 0)
+    extra = int(manifest.dims.get("unet_in_channels", latents[1])) - latents[1]
+    if extra:  # an inpainting UNet: a mask and masked-image latents as its extra channels
+        model_in = np.concatenate([model_in, rng.standard_normal((1, extra, *latents[2:]), dtype=np.float32)], axis=1)
     noise = pipe.unet(np.concatenate([model_in] * 2) if guided else model_in, schedule.timesteps[0], context)
     if guided:
         uncond, text = np.split(noise, 2)

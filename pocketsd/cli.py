@@ -104,6 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from pocketsd.runtime.images import image_to_array, load_image, save_png
+    from pocketsd.runtime.inpaint import mask_to_array
     from pocketsd.runtime.pipeline import Pipeline
     from pocketsd.runtime.schedulers import available
 
@@ -112,17 +113,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"unknown scheduler {args.scheduler!r}", f"known: {', '.join(available())}", code="generate")
     if args.init_image is None and args.strength is not None:
         raise UserError("--strength needs --init-image", "add --init-image PNG, or drop --strength", code="generate")
+    if args.init_image is None and args.mask is not None:
+        raise UserError("--mask needs --init-image (the image it masks)", "add --init-image PNG", code="generate")
     pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, compute_units=args.compute_units,
                                 memory=_memory(args), engine=args.engine)
     init = load_image(args.init_image) if args.init_image else None
+    mask = load_image(args.mask, "--mask") if args.mask else None
     if init is not None:  # fail on a wrong size now, not after the prompt is encoded
         image_to_array(init, pipe.manifest.dims["height"], pipe.manifest.dims["width"])
+    if mask is not None:
+        mask_to_array(mask, pipe.manifest.dims["height"], pipe.manifest.dims["width"])
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
     params = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "steps": args.steps,
               "guidance": args.guidance, "scheduler": args.scheduler or pipe.default_scheduler, "seed": seed,
               "bundle": pipe.manifest.model.get("name"), "preset": pipe.manifest.target.get("preset")}
     if init is not None:
-        params.update(init_image=Path(args.init_image).name, strength=0.8 if args.strength is None else args.strength)
+        default_strength = 0.8 if mask is None else 1.0
+        params.update(init_image=Path(args.init_image).name,
+                      strength=default_strength if args.strength is None else args.strength)
+    if mask is not None:
+        params.update(mask=Path(args.mask).name)
     with tqdm(total=args.steps, desc="generate", unit="step", disable=args.quiet) as bar:
         def on_step(done: int, total: int, _latents: object) -> None:
             bar.total = total
@@ -130,7 +140,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, scheduler=params["scheduler"], seed=seed, image=init,
-                      strength=params.get("strength", 0.8), callback=on_step, num_images_per_prompt=args.num_images)
+                      strength=params.get("strength"), mask_image=mask, callback=on_step,
+                      num_images_per_prompt=args.num_images)
     if args.num_images == 1:
         save_png(images, args.out, params)
         print(f"wrote {args.out} (seed {seed})")
@@ -227,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     from pocketsd.export.random_model import ARCHS
 
     p.add_argument("--arch", choices=ARCHS, default="tiny",
-                   help="tiny, sd15 (SD 1.5), tiny-sd21 or sd21 (SD 2.1 768-v); sd15 and sd21 at full published size")
+                   help="tiny, sd15 (SD 1.5), tiny-sd21, sd21 (SD 2.1 768-v), tiny-inpaint, sd15-inpaint "
+                        "(9-channel inpainting UNet); the ones not named tiny are at full published size")
     p.set_defaults(run=cmd_random_model)
 
     p = sub.add_parser("export", help="export a model to a chunked, parity-checked bundle")
@@ -257,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "dpmpp_2m_sde_karras, unipc, lcm, pndm (default: the model's own)")
     p.add_argument("--seed", type=int, help="same seed, same bundle, same options → the same PNG, byte for byte")
     p.add_argument("--init-image", help="img2img: start from this image (must be the bundle's size)")
-    p.add_argument("--strength", type=float, help="img2img: how much to change the init image, 0..1 (default 0.8)")
+    p.add_argument("--strength", type=float, help="img2img: how much to change the init image, 0..1 (default 0.8; "
+                                                  "1.0 with --mask)")
+    p.add_argument("--mask", help="inpainting: a PNG of the init image's size, white where to repaint (needs "
+                                  "--init-image; an inpainting bundle requires it)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: the preset's; 0 = all cores)")
     p.add_argument("--engine", default="onnxruntime", metavar="{onnxruntime,openvino,openvino-bf16}",
                    help="what runs the ONNX chunks (openvino: pip install 'pocketsd[openvino]'; openvino-bf16: "

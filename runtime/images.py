@@ -19,14 +19,14 @@ def to_pil(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray((pixels * 255).round().astype(np.uint8))
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, what: str = "init image") -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
     except FileNotFoundError:
-        raise GenerateError(f"init image {path} does not exist") from None
+        raise GenerateError(f"{what} {path} does not exist") from None
     except OSError as exc:
-        raise GenerateError(f"cannot read init image {path}: {exc}", "pass a PNG or JPEG file") from None
+        raise GenerateError(f"cannot read {what} {path}: {exc}", "pass a PNG or JPEG file") from None
 
 
 def image_to_array(image: Any, height: int, width: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from pocketsd.runtime.chain import ComponentRunner
 from pocketsd.runtime.execution import check_memory, check_streamable, chunk_opener, make_policy
 from pocketsd.runtime.hashing import sha256_once
 from pocketsd.runtime.images import image_to_array, to_pil
+from pocketsd.runtime.inpaint import Inpainting, latent_mask, mask_to_array
 from pocketsd.runtime.json_fields import REEXPORT, Field
 from pocketsd.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 from pocketsd.runtime.schedulers import NoiseSource, make_scheduler
@@ -159,12 +160,13 @@ class Pipeline:
     # -- generation ------------------------------------------------------------------------------------------------
     def __call__(self, prompt: str, negative_prompt: str | None = None, num_inference_steps: int = 20,
                  guidance_scale: float = 7.5, scheduler: str | None = None, seed: int | None = None,
-                 latents: np.ndarray | None = None, image: Any = None, strength: float = 0.8, *,
-                 generator: NoiseSource | None = None, callback: StepCallback | None = None,
+                 latents: np.ndarray | None = None, image: Any = None, strength: float | None = None, *,
+                 mask_image: Any = None, generator: NoiseSource | None = None, callback: StepCallback | None = None,
                  output_type: str = "pil", num_images_per_prompt: int = 1) -> Any:
         """Generate one image, or a list of ``num_images_per_prompt`` images from one prompt (their latents drawn
         as one batch and denoised together, as diffusers does). ``image`` switches to img2img (then ``latents`` is
-        ignored and ``strength`` used).
+        ignored and ``strength`` used, 0.8 by default); ``image`` and ``mask_image`` to inpainting (white in the mask
+        is repainted; ``strength`` 1.0 by default), which an inpainting bundle requires (runtime/inpaint.py).
 
         ``seed`` seeds a numpy generator (drawn at random and recorded when omitted); ``generator`` replaces it with
         any object that has ``standard_normal(shape, dtype)``. ``output_type``: ``pil`` or ``np`` (float32 HWC in
@@ -174,7 +176,10 @@ class Pipeline:
         n = num_images_per_prompt
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_IMAGES:
             raise GenerateError(f"num_images_per_prompt must be an integer from 1 to {MAX_IMAGES}, got {n!r}")
+        if strength is None:
+            strength = 1.0 if mask_image is not None else 0.8
         check_request(prompt, negative_prompt, guidance_scale, seed, strength if image is not None else None)
+        uses_mask_channels = self._check_inpainting(image, mask_image)
         check_for_generation(self.manifest, str(self.bundle_dir / MANIFEST_NAME))
         sched = make_scheduler(scheduler or self.default_scheduler, self.manifest.scheduler["config"])
         schedule = sched.set_timesteps(num_inference_steps)  # a bad step count fails before any chunk runs
@@ -195,27 +200,37 @@ class Pipeline:
             if start >= len(schedule.timesteps):
                 raise GenerateError(f"strength {strength} with {num_inference_steps} steps leaves no step to run",
                                     "raise --strength or --steps")
-            x = self._img2img_latents(image, sched, schedule, start, generator, n)
+            if mask_image is None:
+                x = self._img2img_latents(image, sched, schedule, start, generator, n)
+            else:
+                x, inpaint = self._inpaint_latents(image, mask_image, sched, schedule, start, generator, n,
+                                                   strength == 1.0, uses_mask_channels)
         else:
             start = 0
             x = finite(self._initial_latents(latents, generator, n), "before the first step", "the initial noise")
             x = x * np.float32(schedule.init_noise_sigma)
+        if mask_image is None:
+            inpaint = None
         state = sched.initial_state()
         total = len(schedule.timesteps) - start
         for done, i in enumerate(range(start, len(schedule.timesteps)), start=1):
             model_in = sched.scale_model_input(schedule, x, i)
             if done == total:
                 self._expect(self.decoder_head.id if self.decoder_head is not None else "vae_decoder")
-            if guided:
-                noise_uncond, noise_text = np.split(self.unet(np.concatenate([model_in] * 2), schedule.timesteps[i],
-                                                              context), 2)
-                noise = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
+            if inpaint is not None:
+                sample = inpaint.unet_input(model_in, guided)
             else:
-                noise = self.unet(model_in, schedule.timesteps[i], context)
+                sample = np.concatenate([model_in] * 2) if guided else model_in
+            noise = self.unet(sample, schedule.timesteps[i], context)
+            if guided:
+                noise_uncond, noise_text = np.split(noise, 2)
+                noise = noise_uncond + np.float32(guidance_scale) * (noise_text - noise_uncond)
             # NaN or inf here would run on silently and come out as a black or noise image: name the step instead
             # (np.isfinite over the latents: microseconds against a UNet call)
             finite(noise, f"step {done} of {total}", "the UNet output")
             x, state = sched.step(schedule, noise, i, x, state, generator)
+            if inpaint is not None:
+                x = inpaint.blend(sched, schedule, x, i)
             finite(x, f"step {done} of {total}", f"the {sched.__class__.__name__} update of the latents")
             if callback is not None:
                 callback(done, total, x)
@@ -241,20 +256,55 @@ class Pipeline:
             raise GenerateError(f"latents have shape {list(latents.shape)}, the bundle needs {list(shape)}")
         return latents
 
-    def _img2img_latents(self, image: Any, sched: Any, schedule: Any, start: int, generator: NoiseSource,
-                         n: int) -> np.ndarray:
-        d = self.manifest.dims
-        pixels = image_to_array(image, d["height"], d["width"])
-        io = TileIO(VAE_ENCODER_IO.x, VAE_ENCODER_IO.latent, int(d["vae_scale_factor"]), 1)
-        moments = self._call_vae("vae_encoder", pixels, io, then="unet")
+    def _encode(self, pixels: np.ndarray, generator: NoiseSource, then: str) -> np.ndarray:
+        """Image → scaled latents, sampled from the VAE's distribution (one draw from ``generator``)."""
+        io = TileIO(VAE_ENCODER_IO.x, VAE_ENCODER_IO.latent, int(self.manifest.dims["vae_scale_factor"]), 1)
+        moments = self._call_vae("vae_encoder", pixels, io, then=then)
         mean, logvar = np.split(moments, 2, axis=1)
         # diffusers' DiagonalGaussianDistribution: clamp the log-variance, std = exp(logvar / 2)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0)).astype(np.float32)
         eps = np.asarray(generator.standard_normal(mean.shape, dtype=np.float32), dtype=np.float32)
-        init = (mean + std * eps) * np.float32(self.manifest.latent_scaling_factor)
+        return (mean + std * eps) * np.float32(self.manifest.latent_scaling_factor)
+
+    def _img2img_latents(self, image: Any, sched: Any, schedule: Any, start: int, generator: NoiseSource,
+                         n: int) -> np.ndarray:
+        d = self.manifest.dims
+        init = self._encode(image_to_array(image, d["height"], d["width"]), generator, then="unet")
         init = np.concatenate([init] * n)  # one encoding of the image for every image made, as diffusers
         noise = np.asarray(generator.standard_normal(init.shape, dtype=np.float32), dtype=np.float32)
         return sched.add_noise(schedule, init, noise, start)
+
+    def _check_inpainting(self, image: Any, mask_image: Any) -> bool:
+        """Whether the UNet takes the mask as input channels; refuses a request that does not fit the bundle."""
+        d = self.manifest.dims
+        uses_channels = int(d.get("unet_in_channels", d["latent_channels"])) != int(d["latent_channels"])
+        if uses_channels and (image is None or mask_image is None):
+            raise GenerateError("this bundle's UNet is an inpainting UNet: it needs an image and a mask",
+                                "pass image= and mask_image= (generate --init-image PNG --mask PNG)")
+        if mask_image is not None and image is None:
+            raise GenerateError("a mask needs the image it masks", "pass image= too (generate --init-image PNG)")
+        return uses_channels
+
+    def _inpaint_latents(self, image: Any, mask_image: Any, sched: Any, schedule: Any, start: int,
+                         generator: NoiseSource, n: int, strength_max: bool,
+                         uses_channels: bool) -> tuple[np.ndarray, Inpainting]:
+        """Initial latents and the inpainting inputs, drawing from ``generator`` in diffusers' order: the image's
+        latents (where needed), the noise, then the masked image's latents."""
+        d = self.manifest.dims
+        pixels = image_to_array(image, d["height"], d["width"])
+        mask = mask_to_array(mask_image, d["height"], d["width"])
+        image_latents = None
+        if not uses_channels or not strength_max:
+            image_latents = np.concatenate([self._encode(pixels, generator, then="vae_encoder")] * n)
+        noise = np.asarray(generator.standard_normal(self._latent_shape(n), dtype=np.float32), dtype=np.float32)
+        if strength_max:
+            x = noise * np.float32(schedule.init_noise_sigma)
+        else:
+            x = sched.add_noise(schedule, image_latents, noise, start)
+        masked = self._encode(pixels * (mask < 0.5), generator, then="unet")
+        small = np.concatenate([latent_mask(mask, int(d["vae_scale_factor"]))] * n)
+        extra = np.concatenate([small, np.concatenate([masked] * n)], axis=1) if uses_channels else None
+        return x, Inpainting(small, extra, image_latents, noise)
 
     def _call_vae(self, component_id: str, x: np.ndarray, io: TileIO, then: str | None) -> np.ndarray:
         """A VAE component over ``x``, tiled as its manifest entry says (runtime/tiling.py). Before its last pass the

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pocketsd.cli import main
 from pocketsd.errors import GenerateError
@@ -245,6 +246,9 @@ CASES = [
     Case("gen-steps-not-a-number", gen("--steps", "many"), "argument --steps: invalid int value: 'many'"),
     Case("gen-guidance-nan", gen("--guidance", "nan"), "--guidance is nan"),
     Case("gen-strength-out-of-range", gen("--init-image", "x.png", "--strength", "1.5"), "--strength is 1.5"),
+    Case("gen-mask-without-init-image", gen("--mask", "m.png"), "--mask needs --init-image"),
+    Case("gen-mask-missing", lambda e: gen("--init-image", str(e.tmp / "i.png"), "--mask", str(e.tmp / "no.png"))(e),
+         "no.png does not exist", lambda e: Image.new("RGB", (128, 128)).save(e.tmp / "i.png")),
     Case("gen-out-in-missing-folder", lambda e: gen()(e)[:-3] + ["--out", str(e.tmp / "no" / "x.png")],
          "is not a folder"),
     # -- generate: what happens while it runs

@@ -39,6 +39,11 @@ class Dims:
     vae_tile: int = 0  # VAE tile side in latent pixels (the preset's vae_tiling.tile); 0: the VAE is not tiled
     vae_overlap: int = 0  # latent pixels shared by neighbouring VAE tiles
     vae_head_channels: int = 0  # channels of the VAE decoder's mid block (its head's output, vae_decoder.py)
+    unet_in_channels: int = 0  # the UNet's input channels; 0: latent_channels (an inpainting UNet takes 2 * 4 + 1)
+
+    @property
+    def unet_sample_channels(self) -> int:
+        return self.unet_in_channels or self.latent_channels
 
     @property
     def latent_height(self) -> int:

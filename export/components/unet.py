@@ -1,5 +1,7 @@
 """UNet: (noisy latents, timestep, text states) → the model output (epsilon or v, per the scheduler config).
 
+An inpainting UNet's sample is the latents with the mask and the masked image's latents appended as channels (9).
+
 The batch is the preset's ``unet_batch``: 2 runs classifier-free guidance as one call, 1 as two calls. The text
 states come in Apple's (B, C, 1, S) layout, which the Neural Engine prefers and the Swift pipeline passes, in every
 backend, so one contract (names, shapes, chunk boundaries) holds for ONNX and CoreML alike.
@@ -29,7 +31,7 @@ SPEC = ComponentSpec(
     id="unet",
     subfolder="unet",
     inputs=(
-        IOSpec(IO.sample, "float32", ("batch", "latent_channels", "latent_height", "latent_width")),
+        IOSpec(IO.sample, "float32", ("batch", "unet_sample_channels", "latent_height", "latent_width")),
         IOSpec(IO.timestep, "float32", ("batch",), example="timestep"),
         IOSpec(IO.encoder_hidden_states, "float32", ("batch", "text_hidden", "one", "text_length")),
     ),
