@@ -34,9 +34,12 @@ demo: install
 	$(POCKETSD) inspect demo/tiny-cpu
 	$(POCKETSD) generate demo/tiny-cpu --prompt "$(PROMPT)" --steps 20 --seed 1 --out demo/tiny.png
 
+# Tests run in TEST_WORKERS processes (pytest-xdist), a whole test file per worker so that its module fixtures (a tiny
+# export each) are built once: most of an export is single-threaded Python (tracing, ONNX writing).
+TEST_WORKERS ?= 2
 test: install
 	$(VENV)/bin/ruff check pocketsd export runtime apple bench tests
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # pocketsd against its peers on the full SD 1.5 architecture (random weights: speed, memory and size are real),
 # 256² and 512²; about an hour on 2 cores, ~20 GB of bundles under results/bench/work. BENCH_MODEL=your/folder to
