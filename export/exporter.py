@@ -26,6 +26,7 @@ from pocketsd.export.check_component import check_component
 from pocketsd.export.components import SD_COMPONENTS, ComponentSpec, Dims
 from pocketsd.export.components.group_norm_stats import STATS_INPUT, group_norm_stats_spec, manifest_tiling_fields
 from pocketsd.export.components.vae_decoder import HEAD_ID, HEAD_OUTPUT, HEAD_SPEC, TAIL_SPEC
+from pocketsd.export.lora import LoraFile, check_lora_files, fuse_loras
 from pocketsd.export.model_loader import ModelFolder, load_module, open_model_folder
 from pocketsd.export.preset import Preset
 from pocketsd.export.read_back import check_scheduler, read_back
@@ -47,6 +48,7 @@ class ExportRequest:
     progress: bool = True
     warm_cache: bool = True  # open the ONNX chunks once in place, filling onnxruntime's graph cache (_warm_cache)
     variant: str | None = None  # weights variant to load (fp16 ...); None: full precision, else the only one there
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale), fused into the weights in this order
 
 
 def _model_folder(model: str, stack: ExitStack, variant: str | None) -> tuple[ModelFolder, str]:
@@ -124,14 +126,15 @@ def _tiling_extra(spec: ComponentSpec, dims: Dims) -> dict[str, Any]:
     return {"tiling": {**dims.vae_tiling(), **group_norm, **head}}
 
 
-def _module_for(folder: ModelFolder, components: tuple[str, ...], index: int, kept: dict[str, Any]) -> Any:
-    """The sub-model of ``components[index]``: loaded once, and kept in ``kept`` only while a later component
-    needs it (the VAE's decoder and encoder), so that the caller's reference is the last one to it."""
+def _module_for(folder: ModelFolder, components: tuple[str, ...], index: int, kept: dict[str, Any],
+                loras: tuple[LoraFile, ...]) -> Any:
+    """The sub-model of ``components[index]`` with the LoRAs fused: loaded once, and kept in ``kept`` only while a
+    later component needs it (the VAE's decoder and encoder), so that the caller's reference is the last one to it."""
     subfolder = {**{c: s.subfolder for c, s in SD_COMPONENTS.items()}, HEAD_ID: HEAD_SPEC.subfolder}
     sub = subfolder[components[index]]
     module = kept.pop(sub, None)
     if module is None:
-        module = load_module(folder, sub)
+        module = fuse_loras(load_module(folder, sub), sub, loras)
     if any(subfolder[c] == sub for c in components[index + 1:]):
         kept[sub] = module
     return module
@@ -141,11 +144,12 @@ def export_bundle(request: ExportRequest) -> Path:
     """Every check raises inside the staging folder, before its rename: the scheduler config first (seconds), then
     the lossy steps' quality gates and the parity gate per component, the runtime reading the manifest back, and one
     denoising step through the runtime (export/round_trip.py)."""
+    loras = check_lora_files(request.loras)
     with staged_folder(request.out, "bundle") as staging, ExitStack() as stack:
         folder, source = _model_folder(request.model, stack, request.variant)
         check_scheduler(folder.scheduler_config.get("_class_name"), folder.scheduler_config,
                         str(folder.path / "scheduler" / "scheduler_config.json"))
-        _export_into(folder, source, request, staging).write(staging)
+        _export_into(folder, source, request, staging, loras).write(staging)
         round_trip(staging, read_back(staging))
     if request.warm_cache:
         _warm_cache(Path(request.out), request.progress)
@@ -192,7 +196,8 @@ def _write_with_torch(component_id: str, model: Any, dims: Dims, request: Export
     return written
 
 
-def _export_into(folder: ModelFolder, source: str, request: ExportRequest, staging: Path) -> Manifest:
+def _export_into(folder: ModelFolder, source: str, request: ExportRequest, staging: Path,
+                 loras: tuple[LoraFile, ...]) -> Manifest:
     preset = request.preset
     dims = resolve_dims(folder, preset)
     components, plans = {}, {}
@@ -202,8 +207,8 @@ def _export_into(folder: ModelFolder, source: str, request: ExportRequest, stagi
     with bar:
         for index, component_id in enumerate(order):
             bar.set_postfix_str(component_id)
-            written = _write_with_torch(component_id, _module_for(folder, order, index, kept), dims, request,
-                                        staging)
+            written = _write_with_torch(component_id, _module_for(folder, order, index, kept, loras), dims,
+                                        request, staging)
             gc.collect()  # the model's last references sit in reference cycles (fx graphs, exported programs)
             components[component_id] = check_component(written, staging, progress=request.progress)
             plans[component_id] = written.plan.to_dict()
@@ -213,7 +218,8 @@ def _export_into(folder: ModelFolder, source: str, request: ExportRequest, stagi
         schema_version=SCHEMA_VERSION,
         model={"source": source, "pipeline": folder.model_index.get("_class_name"),
                "name": Path(source).name if source.startswith("/") else "tiny",
-               "weights_variants": {sub: folder.variants.get(sub) for sub in sorted(folder.variants)}},
+               "weights_variants": {sub: folder.variants.get(sub) for sub in sorted(folder.variants)},
+               "loras": [lora.to_dict() for lora in loras]},
         target={"preset": preset.name, "preset_source": preset.source, "backend": preset.backend,
                 "precision": preset.precision, "config": preset.to_dict()},
         dims={"height": dims.height, "width": dims.width, "latent_height": dims.latent_height,

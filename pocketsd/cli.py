@@ -39,6 +39,7 @@ def cmd_random_model(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     try:
         from pocketsd.export.exporter import ExportRequest, export_bundle
+        from pocketsd.export.lora import parse_lora_arg
         from pocketsd.export.preset import load_preset, with_overrides
     except ImportError as exc:
         raise UserError(f"exporting needs the [export] extra ({exc.name} is not installed)",
@@ -51,7 +52,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     preset = with_overrides(load_preset(args.preset), chunks, args.max_chunk_mb, args.resolution)
     out = export_bundle(ExportRequest(model=args.model, preset=preset, out=Path(args.out), seed=args.seed,
                                       progress=not args.quiet, warm_cache=not args.no_warm_cache,
-                                      variant=args.variant))
+                                      variant=args.variant, loras=tuple(parse_lora_arg(a) for a in args.lora or ())))
     print(f"wrote bundle {out} (preset {preset.name}); see `pocketsd inspect {out}`")
     return 0
 
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="'tiny' (built-in) or a diffusers model folder")
     p.add_argument("--preset", default="cpu", help="built-in preset name (cpu, cpu-lowmem, ...) or a YAML file")
     p.add_argument("--out", required=True, help="bundle folder to create (must not exist or be empty)")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="fuse this LoRA (.safetensors, diffusers or kohya layout) into the weights at SCALE (default "
+                        "1.0), as diffusers' fuse_lora; repeatable, fused in order")
     p.add_argument("--variant", help="load this weights variant (e.g. fp16: model.fp16.safetensors), in float32; "
                                      "default: the full-precision weights, else the one variant a sub-model has")
     p.add_argument("--chunks", type=_chunks_arg, action="append", metavar="COMPONENT=N",

@@ -1,0 +1,160 @@
+"""LoRA files fused at export equal diffusers' ``load_lora_weights`` + ``fuse_lora`` (parity tier), in both key layouts.
+
+The LoRA is made here with peft on the tiny model (random, non-zero up weights, so it changes the picture), saved by
+diffusers' ``save_lora_weights`` (diffusers layout) and rewritten in kohya's layout (``lora_unet_…``,
+``lora_te_…``, ``.alpha``). Tolerance: ``TOL["pipeline_min_psnr_db"]`` on the decoded image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import TOL
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.export
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from pocketsd.cli import main  # noqa: E402
+from pocketsd.errors import ModelError  # noqa: E402
+from pocketsd.export.lora import check_lora_files, parse_lora_arg  # noqa: E402
+from pocketsd.export.parity import compare  # noqa: E402
+from pocketsd.runtime.manifest import load_manifest  # noqa: E402
+from pocketsd.runtime.pipeline import Pipeline  # noqa: E402
+from tests.runtime.test_pipeline_parity import NEGATIVE, PROMPT  # noqa: E402
+
+SCALE = 0.7
+RANK = 4
+
+
+def make_lora(model_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A rank-4 LoRA on every attention projection of the UNet and the text encoder, diffusers layout. peft's own
+    ``inject_adapter_in_model`` for the text encoder: transformers 5's ``add_adapter`` wants peft >= 0.22."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                    "out_proj"]), pipe.text_encoder)
+    for module in (pipe.unet, pipe.text_encoder):  # peft starts B at zero (a no-op LoRA): give it weights
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=1.0)
+    out.mkdir(parents=True, exist_ok=True)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder), weight_name="lora.safetensors")
+    return out / "lora.safetensors"
+
+
+def fuse_by_hand(text_encoder, lora_file: Path, scale: float) -> None:
+    """W += scale * up @ down (alpha = rank), for each text-encoder layer of the file (the reference for the text
+    encoder: diffusers would go through transformers' load_adapter, which needs peft >= 0.22 here)."""
+    state = load_file(lora_file)
+    modules = dict(text_encoder.named_modules())
+    for key, down in state.items():
+        if key.startswith("text_encoder.") and ".lora_A." in key:
+            up = state[key.replace(".lora_A.", ".lora_B.")]
+            target = key.removeprefix("text_encoder.").split(".lora_A.")[0]
+            target = target if target in modules else target.removeprefix("text_model.")
+            with torch.no_grad():
+                modules[target].weight += scale * (up @ down)  # alpha = rank: diffusers reads no alpha from this file
+
+
+def to_kohya(diffusers_file: Path, out: Path) -> Path:
+    """The same LoRA in kohya's key layout (what most shared LoRA files use)."""
+    kohya = {}
+    for key, value in load_file(diffusers_file).items():
+        stem, kind = key.rsplit(".lora_", 1)
+        module, part = stem.split(".", 1)
+        name = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[module] + part.replace(".", "_")
+        kohya[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(float(RANK))
+    save_file(kohya, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_file(tiny_model_dir: Path, tmp_path_factory) -> Path:
+    return make_lora(tiny_model_dir, tmp_path_factory.mktemp("lora"))
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir: Path, lora_file: Path) -> np.ndarray:
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(lora_file))
+    diffusers.StableDiffusionPipeline.load_lora_into_unet(state, alphas, pipe.unet)
+    pipe.unet.fuse_lora(lora_scale=SCALE)
+    fuse_by_hand(pipe.text_encoder, lora_file, SCALE)
+    return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.0,
+                latents=latents(), output_type="np").images[0]
+
+
+def latents() -> torch.Tensor:
+    return torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(17))
+
+
+def ours(bundle: Path) -> np.ndarray:
+    return Pipeline.from_bundle(bundle)(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.0,
+                                        scheduler="euler", latents=latents().numpy(), output_type="np")
+
+
+def export(model: Path, out: Path, *loras: str) -> int:
+    args = ["export", "--quiet", "--no-warm-cache", "--model", str(model), "--out", str(out), "--chunks", "unet=1"]
+    for lora in loras:
+        args += ["--lora", lora]
+    return main(args)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_fused_lora_matches_diffusers_fuse_lora(tiny_model_dir, tiny_bundle, lora_file, expected, layout, tmp_path):
+    path = lora_file if layout == "diffusers" else to_kohya(lora_file, tmp_path / "kohya.safetensors")
+    assert export(tiny_model_dir, tmp_path / "b", f"{path}:{SCALE}") == 0
+    actual = ours(tmp_path / "b")
+    assert compare(expected, actual).psnr_db >= TOL["pipeline_min_psnr_db"]
+    assert compare(ours(tiny_bundle), actual).psnr_db < 35, "the LoRA must change the picture"
+    recorded = load_manifest(tmp_path / "b").model["loras"]
+    assert recorded == [{"file": path.name, "sha256": check_lora_files(((str(path), 1.0),))[0].sha256,
+                         "scale": SCALE}]
+
+
+def test_lora_scale_argument():
+    assert parse_lora_arg("a.safetensors") == ("a.safetensors", 1.0)
+    assert parse_lora_arg("dir/a.safetensors:0.5") == ("dir/a.safetensors", 0.5)
+    assert parse_lora_arg("C:/x/a.safetensors") == ("C:/x/a.safetensors", 1.0)
+    with pytest.raises(ModelError, match="not a finite number"):
+        parse_lora_arg("a.safetensors:nan")
+
+
+def test_a_lora_for_another_architecture_is_refused(tiny_model_dir, lora_file, tmp_path, capsys):
+    state = load_file(lora_file)
+    renamed = tmp_path / "renamed.safetensors"  # SDXL-style module names: no such layers in this model
+    save_file({k.replace("down_blocks", "input_blocks"): v for k, v in state.items()}, renamed)
+    wider = tmp_path / "wider.safetensors"  # the right names, the widths of a bigger model
+    save_file({k: torch.cat([v, v], dim=1).contiguous() if ".lora_A." in k else v for k, v in state.items()}, wider)
+    for lora in (renamed, wider):
+        out = tmp_path / f"out-{lora.stem}"
+        assert export(tiny_model_dir, out, str(lora)) == 2
+        err = capsys.readouterr().err
+        assert f"LoRA {lora.name} does not fit this model" in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) <= 2 and not out.exists()
+
+
+def test_lora_files_are_checked_before_anything_is_loaded(tmp_path):
+    (tmp_path / "l.ckpt").write_bytes(b"pickle")
+    (tmp_path / "none.safetensors").write_bytes(b"")
+    save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    for name, message in (("l.ckpt", "is not a .safetensors file"), ("missing.safetensors", "does not exist"),
+                          ("none.safetensors", "cannot read LoRA file"), ("plain.safetensors", "holds no LoRA")):
+        with pytest.raises(ModelError, match=message):
+            check_lora_files(((str(tmp_path / name), 1.0),))
