@@ -4,9 +4,10 @@
 memory and size measured on it are real even though its pictures are noise. ``sd21`` is SD 2.1 (768-v: OpenCLIP-H
 text encoder in CLIPTextModel form, v-prediction, linear projections, upcast attention, ``!`` as the tokenizer's pad
 token) and ``tiny-sd21`` the same family at the tiny size. ``sd15-inpaint`` is SD 1.5's inpainting model (a UNet
-of 9 input channels: latents, mask, masked image latents), ``tiny-inpaint`` its tiny twin. A folder may add
-``pipeline.json``: its pipeline class and tokenizer pad token. All are deterministic (fixed seed) and written in
-the standard diffusers layout that the pipeline class's ``from_pretrained`` loads.
+of 9 input channels: latents, mask, masked image latents), ``tiny-inpaint`` its tiny twin. ``tiny-turbo`` is an
+SD-Turbo-style model at the tiny size (SD 2.x family, Euler with trailing timesteps: one to four steps, no
+guidance). A folder may add ``pipeline.json``: its pipeline class and tokenizer pad token. All are deterministic
+(fixed seed) and written in the standard diffusers layout that the pipeline class's ``from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pocketsd.errors import UserError
 from pocketsd.staging import staged_folder
 
 log = logging.getLogger(__name__)
-ARCHS = ("tiny", "sd15", "tiny-sd21", "sd21", "tiny-inpaint", "sd15-inpaint")
+ARCHS = ("tiny", "sd15", "tiny-sd21", "sd21", "tiny-inpaint", "sd15-inpaint", "tiny-turbo")
 SEED = 0
 
 

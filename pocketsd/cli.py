@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--arch", choices=ARCHS, default="tiny",
                    help="tiny, sd15 (SD 1.5), tiny-sd21, sd21 (SD 2.1 768-v), tiny-inpaint, sd15-inpaint "
-                        "(9-channel inpainting UNet); the ones not named tiny are at full published size")
+                        "(9-channel inpainting UNet), tiny-turbo (SD-Turbo style); the ones not named tiny are at "
+                        "full published size")
     p.set_defaults(run=cmd_random_model)
 
     p = sub.add_parser("export", help="export a model to a chunked, parity-checked bundle")
