@@ -35,11 +35,11 @@ demo: install
 	$(POCKETSD) generate demo/tiny-cpu --prompt "$(PROMPT)" --steps 20 --seed 1 --out demo/tiny.png
 
 # Tests run in TEST_WORKERS processes (pytest-xdist), a whole test file per worker so that its module fixtures (a tiny
-# export each) are built once: most of an export is single-threaded Python (tracing, ONNX writing).
+# export each) are built once (tests/conftest.py groups them): most of an export is single-threaded Python.
 TEST_WORKERS ?= 2
 test: install
 	$(VENV)/bin/ruff check pocketsd export runtime apple bench tests
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # pocketsd against its peers on the full SD 1.5 architecture (random weights: speed, memory and size are real),
 # 256² and 512²; about an hour on 2 cores, ~20 GB of bundles under results/bench/work. BENCH_MODEL=your/folder to

@@ -6,6 +6,24 @@ from pathlib import Path
 
 import pytest
 
+# Session fixtures whose files `make test` keeps on one pytest-xdist worker (--dist loadgroup), so that each is
+# built once, not once per worker: the CoreML conversion of the tiny model takes about a minute.
+SHARED_ON_ONE_WORKER = ("tiny_iphone_bundle",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test file is one xdist group (its module fixtures are built once), except that the files using a fixture
+    of ``SHARED_ON_ONE_WORKER`` form one group together. Without xdist the marks do nothing."""
+    by_file: dict[str, str] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        if any(name in getattr(item, "fixturenames", ()) for name in SHARED_ON_ONE_WORKER):
+            by_file[path] = "shared-fixtures"
+        by_file.setdefault(path, path)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(by_file[item.nodeid.split("::")[0]]))
+
+
 # Tolerances in one table (see README "Tests"). Never widened by a default.
 TOL = {
     "chunked_vs_unchunked_max_abs": 1e-5,
