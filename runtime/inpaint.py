@@ -46,17 +46,17 @@ class Inpainting:
     (inpainting UNet) or what the blend re-noises (plain UNet)."""
 
     mask: np.ndarray  # (n, 1, h, w) on the latent grid
-    extra_channels: np.ndarray | None  # (n, 1 + latent channels, h, w): mask and masked image latents; None: plain
+    # mask and masked image latents for every row of the UNet's sample (2n rows when guided), built once; None for a
+    # plain UNet
+    extra_channels: np.ndarray | None
     image_latents: np.ndarray | None  # (n, c, h, w): the image's latents (plain UNet: blended back after each step)
     noise: np.ndarray | None  # the noise the initial latents were made with, re-used by the blend
 
-    def unet_input(self, model_in: np.ndarray, guided: bool) -> np.ndarray:
-        """The UNet's sample: latents (doubled when guided), then the extra channels where the UNet takes them."""
-        sample = np.concatenate([model_in] * 2) if guided else model_in
+    def unet_input(self, sample: np.ndarray) -> np.ndarray:
+        """The UNet's sample (latents, already doubled when guided) with the extra channels the UNet takes."""
         if self.extra_channels is None:
             return sample
-        extra = np.concatenate([self.extra_channels] * 2) if guided else self.extra_channels
-        return np.concatenate([sample, extra], axis=1)
+        return np.concatenate([sample, self.extra_channels], axis=1)
 
     def blend(self, sched: Any, schedule: Any, x: np.ndarray, step_index: int) -> np.ndarray:
         """After step ``step_index`` (plain UNet only): the unmasked area back to the image, noised to the next

@@ -204,7 +204,7 @@ class Pipeline:
                 x = self._img2img_latents(image, sched, schedule, start, generator, n)
             else:
                 x, inpaint = self._inpaint_latents(image, mask_image, sched, schedule, start, generator, n,
-                                                   strength == 1.0, uses_mask_channels)
+                                                   strength == 1.0, uses_mask_channels, guided)
         else:
             start = 0
             x = finite(self._initial_latents(latents, generator, n), "before the first step", "the initial noise")
@@ -217,10 +217,9 @@ class Pipeline:
             model_in = sched.scale_model_input(schedule, x, i)
             if done == total:
                 self._expect(self.decoder_head.id if self.decoder_head is not None else "vae_decoder")
+            sample = np.concatenate([model_in] * 2) if guided else model_in
             if inpaint is not None:
-                sample = inpaint.unet_input(model_in, guided)
-            else:
-                sample = np.concatenate([model_in] * 2) if guided else model_in
+                sample = inpaint.unet_input(sample)
             noise = self.unet(sample, schedule.timesteps[i], context)
             if guided:
                 noise_uncond, noise_text = np.split(noise, 2)
@@ -287,7 +286,7 @@ class Pipeline:
 
     def _inpaint_latents(self, image: Any, mask_image: Any, sched: Any, schedule: Any, start: int,
                          generator: NoiseSource, n: int, strength_max: bool,
-                         uses_channels: bool) -> tuple[np.ndarray, Inpainting]:
+                         uses_channels: bool, guided: bool) -> tuple[np.ndarray, Inpainting]:
         """Initial latents and the inpainting inputs, drawing from ``generator`` in diffusers' order: the image's
         latents (where needed), the noise, then the masked image's latents."""
         d = self.manifest.dims
@@ -303,7 +302,10 @@ class Pipeline:
             x = sched.add_noise(schedule, image_latents, noise, start)
         masked = self._encode(pixels * (mask < 0.5), generator, then="unet")
         small = np.concatenate([latent_mask(mask, int(d["vae_scale_factor"]))] * n)
-        extra = np.concatenate([small, np.concatenate([masked] * n)], axis=1) if uses_channels else None
+        extra = None
+        if uses_channels:  # one row per UNet row, built once: [negative] * n + [prompt] * n when guided
+            rows = np.concatenate([small, np.concatenate([masked] * n)], axis=1)
+            extra = np.concatenate([rows] * 2) if guided else rows
         return x, Inpainting(small, extra, image_latents, noise)
 
     def _call_vae(self, component_id: str, x: np.ndarray, io: TileIO, then: str | None) -> np.ndarray:
