@@ -74,3 +74,14 @@ def tiny_iphone_bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFa
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-iphone"
     return export_bundle(ExportRequest(str(tiny_model_dir), load_preset("iphone"), out, progress=False))
+
+
+def random_model_and_bundle(arch: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A built-in random architecture (``random-model --arch``) written and exported with the cpu preset."""
+    from pocketsd.export.exporter import ExportRequest, export_bundle
+    from pocketsd.export.preset import load_preset
+    from pocketsd.export.random_model import builtin_configs, write_random_model
+
+    model = write_random_model(tmp_path_factory.mktemp("models") / arch, builtin_configs(arch))
+    out = tmp_path_factory.mktemp("bundles") / f"{arch}-cpu"
+    return model, export_bundle(ExportRequest(str(model), load_preset("cpu"), out, progress=False, warm_cache=False))

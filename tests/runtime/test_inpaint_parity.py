@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TOL
+from tests.conftest import TOL, random_model_and_bundle
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -44,19 +44,18 @@ def mask_image() -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def inpaint_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pocketsd.export.random_model import builtin_configs, write_random_model
-
-    return write_random_model(tmp_path_factory.mktemp("models") / "tiny-inpaint", builtin_configs("tiny-inpaint"))
+def inpaint_exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return random_model_and_bundle("tiny-inpaint", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def inpaint_bundle(inpaint_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pocketsd.export.exporter import ExportRequest, export_bundle
-    from pocketsd.export.preset import load_preset
+def inpaint_model(inpaint_exported) -> Path:
+    return inpaint_exported[0]
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny-inpaint-cpu"
-    return export_bundle(ExportRequest(str(inpaint_model), load_preset("cpu"), out, progress=False, warm_cache=False))
+
+@pytest.fixture(scope="module")
+def inpaint_bundle(inpaint_exported) -> Path:
+    return inpaint_exported[1]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TOL
+from tests.conftest import TOL, random_model_and_bundle
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -26,20 +26,18 @@ from tests.runtime.test_schedulers import DIFFUSERS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def sd2_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pocketsd.export.random_model import builtin_configs, write_random_model
-
-    return write_random_model(tmp_path_factory.mktemp("models") / "tiny-sd21", builtin_configs("tiny-sd21"))
+def sd2_exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return random_model_and_bundle("tiny-sd21", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def sd2_runtime(sd2_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    from pocketsd.export.exporter import ExportRequest, export_bundle
-    from pocketsd.export.preset import load_preset
+def sd2_model(sd2_exported) -> Path:
+    return sd2_exported[0]
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny-sd21-cpu"
-    return Pipeline.from_bundle(export_bundle(ExportRequest(str(sd2_model), load_preset("cpu"), out, progress=False,
-                                                            warm_cache=False)))
+
+@pytest.fixture(scope="module")
+def sd2_runtime(sd2_exported) -> Pipeline:
+    return Pipeline.from_bundle(sd2_exported[1])
 
 
 @pytest.fixture(scope="module")

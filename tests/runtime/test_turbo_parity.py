@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TOL
+from tests.conftest import TOL, random_model_and_bundle
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -26,20 +26,18 @@ from tests.runtime.test_schedulers import DIFFUSERS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def turbo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pocketsd.export.random_model import builtin_configs, write_random_model
-
-    return write_random_model(tmp_path_factory.mktemp("models") / "tiny-turbo", builtin_configs("tiny-turbo"))
+def turbo_exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return random_model_and_bundle("tiny-turbo", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def turbo_runtime(turbo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    from pocketsd.export.exporter import ExportRequest, export_bundle
-    from pocketsd.export.preset import load_preset
+def turbo_model(turbo_exported) -> Path:
+    return turbo_exported[0]
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny-turbo-cpu"
-    return Pipeline.from_bundle(export_bundle(ExportRequest(str(turbo_model), load_preset("cpu"), out, progress=False,
-                                                            warm_cache=False)))
+
+@pytest.fixture(scope="module")
+def turbo_runtime(turbo_exported) -> Pipeline:
+    return Pipeline.from_bundle(turbo_exported[1])
 
 
 @pytest.fixture(scope="module")
