@@ -60,6 +60,34 @@ MODELS: tuple[ModelContract, ...] = (
                   (Feature(None, "float32",
                            lambda d: (1, 2 * d["latent_channels"], d["latent_height"], d["latent_width"])),)),
 )
+
+# SDXL (Apple's StableDiffusionXLPipeline, TextEncoderXL.swift): both text encoders give hidden_embeds and
+# pooled_outputs; the UNet also takes text_embeds (the second encoder's pooled projection) and time_ids.
+def _text_xl(file: str, component: str, width: str, pooled: str) -> ModelContract:
+    return ModelContract(file, component, True, (Feature(None, "float32", lambda d: (1, d["text_length"])),),
+                         (Feature(TEXT_ENCODER_IO.hidden_embeds, "float32",
+                                  lambda d: (1, d["text_length"], d[width])),
+                          Feature(TEXT_ENCODER_IO.pooled_outputs, "float32", lambda d: (1, d[pooled]))))
+
+
+_SD_UNET = MODELS[1]
+MODELS_XL: tuple[ModelContract, ...] = (
+    _text_xl("TextEncoder", "text_encoder", "text_hidden_1", "text_hidden_1"),
+    _text_xl("TextEncoder2", "text_encoder_2", "text_hidden_2", "pooled_dim"),
+    ModelContract("Unet", "unet", True,
+                  (*_SD_UNET.inputs,
+                   Feature(UNET_IO.text_embeds, "float32", lambda d: (d["unet_batch"], d["pooled_dim"])),
+                   Feature(UNET_IO.time_ids, "float32", lambda d: (d["unet_batch"], 6))),
+                  _SD_UNET.outputs, single_output=True),
+    *MODELS[2:],
+)
+
+
+def models_for(components: Sequence[str]) -> tuple[ModelContract, ...]:
+    """The contract of a bundle's family: SDXL's when it has a second text encoder."""
+    return MODELS_XL if "text_encoder_2" in components else MODELS
+
+
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 MAX_UNET_CHUNKS = 2  # UnetChunk1 + UnetChunk2; the Swift loader looks for no third
 UNET_CHUNK_FILES = ("UnetChunk1", "UnetChunk2")
@@ -67,7 +95,7 @@ UNET_CHUNK_FILES = ("UnetChunk1", "UnetChunk2")
 
 def file_names(component: str, n_chunks: int) -> list[str]:
     """The Resources names of a component's chunks: one model, or (UNet only) UnetChunk1/UnetChunk2."""
-    model = next(m for m in MODELS if m.component == component)
+    model = next(m for m in (*MODELS, *MODELS_XL) if m.component == component)
     if n_chunks == 1:
         return [model.file]
     if component == "unet" and n_chunks <= MAX_UNET_CHUNKS:

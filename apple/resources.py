@@ -20,10 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pocketsd.apple.contract import MAX_UNET_CHUNKS, MODELS, TOKENIZER_FILES, chained_inputs_ok, file_names
+from pocketsd.apple.contract import MAX_UNET_CHUNKS, TOKENIZER_FILES, chained_inputs_ok, file_names, models_for
 from pocketsd.errors import BundleError, UserError
 from pocketsd.runtime.hashing import sha256_path, size_of
-from pocketsd.runtime.manifest import Component, FileRef, Manifest, load_manifest
+from pocketsd.runtime.manifest import SECOND_TOKENIZER, Component, FileRef, Manifest, load_manifest
 from pocketsd.runtime.tokenizer import TOKENIZER_JSON
 from pocketsd.staging import check_target, staged_folder
 
@@ -38,7 +38,7 @@ def _apple_files(manifest: Manifest) -> dict[str, list[str]]:
         raise UserError(f"the bundle was exported for {manifest.target.get('backend')!r}, not CoreML",
                         "export with a CoreML preset: --preset iphone or --preset mac", code="apple")
     names = {}
-    for model in MODELS:
+    for model in models_for(list(manifest.components)):
         if model.component not in manifest.components:
             if model.required:
                 raise UserError(f"the bundle has no {model.component}, which Apple's pipeline requires",
@@ -99,6 +99,11 @@ def _fill(bundle: Path, manifest: Manifest, names: dict[str, list[str]], root: P
             raise BundleError(f"the bundle's tokenizer has no {name}", "re-export the bundle")
         shutil.copyfile(bundle / ref.path, root / name)
         tokenizer[name] = FileRef(name, sha256_path(root / name), size_of(root / name))
+    # SDXL's second tokenizer (its own pad token) goes along as it is in the bundle, for manifest-aware loaders;
+    # Swift builds both from vocab.json and merges.txt
+    for ref in manifest.tokenizer.get(SECOND_TOKENIZER, {}).get("files", {}).values():
+        (root / ref.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(bundle / ref.path, root / ref.path)
     components = {c: _rewritten(manifest.components[c], names[c], root) for c in names}
     rewritten = replace(manifest, components=components, plan=None,
                         tokenizer={**manifest.tokenizer, "files": tokenizer})
@@ -121,7 +126,7 @@ def check_layout(root: str | Path) -> list[str]:
     for name in TOKENIZER_FILES:
         if not (root / name).is_file():
             problems.append(f"{name} is missing")
-    for model in MODELS:
+    for model in models_for(list(manifest.components)):
         if model.component not in manifest.components:
             continue
         component = manifest.components[model.component]

@@ -38,6 +38,14 @@ def example_value(io: IOSpec, shape: tuple[int, ...], dims: Dims, generator: tor
         return ids.to(_TORCH_DTYPES[io.dtype])
     if io.example == "timestep":
         return torch.full(shape, 981.0, dtype=_TORCH_DTYPES[io.dtype])
+    if io.example == "time_ids":  # SDXL's (original size, crop corner, target size) of an uncropped image
+        row = torch.tensor([dims.height, dims.width, 0, 0, dims.height, dims.width], dtype=_TORCH_DTYPES[io.dtype])
+        return row.expand(shape).clone()
+    if io.example == "guidance_embedding":  # sin/cos of a guidance scale, as the runtime computes it
+        from pocketsd.runtime.conditioning import guidance_embedding
+
+        row = torch.from_numpy(guidance_embedding(8.5, shape[-1]))
+        return row.expand(shape).clone().to(_TORCH_DTYPES[io.dtype])
     if io.example == "image":
         return torch.rand(shape, generator=generator) * 2 - 1
     if io.example == "ones":

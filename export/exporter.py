@@ -23,14 +23,16 @@ from pocketsd.export.backends.base import Prepared, backend_for
 from pocketsd.export.bundle_files import file_ref, write_plan, write_tokenizer
 from pocketsd.export.capture import capture
 from pocketsd.export.check_component import check_component
-from pocketsd.export.components import SD_COMPONENTS, ComponentSpec, Dims
+from pocketsd.export.components import SD_COMPONENTS, ComponentSpec, Dims, components_for
 from pocketsd.export.components.group_norm_stats import STATS_INPUT, group_norm_stats_spec, manifest_tiling_fields
+from pocketsd.export.components.unet import with_timestep_cond
 from pocketsd.export.components.vae_decoder import HEAD_ID, HEAD_OUTPUT, HEAD_SPEC, TAIL_SPEC
 from pocketsd.export.lora import LoraFile, check_lora_files, fuse_loras
 from pocketsd.export.model_loader import ModelFolder, load_module, open_model_folder
 from pocketsd.export.preset import Preset
 from pocketsd.export.read_back import check_scheduler, read_back
 from pocketsd.export.round_trip import round_trip
+from pocketsd.export.single_file import is_single_file, open_single_file
 from pocketsd.export.write_component import WrittenComponent, write_component
 from pocketsd.runtime.manifest import SCHEMA_VERSION, Manifest, load_manifest
 from pocketsd.runtime.sessions import graph_cache_chunks, warm_graph_cache
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExportRequest:
-    model: str  # "tiny" or a diffusers folder
+    model: str  # "tiny", a diffusers folder, or a single-file checkpoint (.safetensors, original layout)
     preset: Preset
     out: Path
     seed: int = 0
@@ -49,20 +51,31 @@ class ExportRequest:
     warm_cache: bool = True  # open the ONNX chunks once in place, filling onnxruntime's graph cache (_warm_cache)
     variant: str | None = None  # weights variant to load (fp16 ...); None: full precision, else the only one there
     loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale), fused into the weights in this order
+    tokenizer: str | None = None  # a single-file checkpoint's tokenizer/ folder (the file holds none)
 
 
-def _model_folder(model: str, stack: ExitStack, variant: str | None) -> tuple[ModelFolder, str]:
+def _model_folder(request: ExportRequest, stack: ExitStack) -> tuple[ModelFolder, dict[str, Any]]:
+    """The diffusers folder to export, and the manifest's ``model`` fields saying where it came from. ``tiny`` and a
+    single-file checkpoint become a diffusers folder in a temporary folder that ``stack`` removes."""
+    model, variant = request.model, request.variant
+    if is_single_file(model):
+        return open_single_file(model, request.tokenizer, variant, stack, request.progress)
+    if request.tokenizer is not None:
+        raise ModelError(f"--tokenizer is for a single-file checkpoint; {model} has its own tokenizer",
+                         "leave out --tokenizer", code="tokenizer")
     if model == "tiny":
         from pocketsd.export.random_model import builtin_configs, write_random_model
 
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pocketsd-tiny-")))
         path = write_random_model(tmp / "tiny", builtin_configs("tiny"))
-        return open_model_folder(path, variant), "tiny (built-in random model)"
-    return open_model_folder(model, variant), str(Path(model).resolve())
+        return open_model_folder(path, variant), {"source": "tiny (built-in random model)", "name": "tiny"}
+    folder = open_model_folder(model, variant)
+    return folder, {"source": str(Path(model).resolve()), "name": Path(model).resolve().name}
 
 
 def resolve_dims(folder: ModelFolder, preset: Preset) -> Dims:
     unet, vae, text = folder.config("unet"), folder.config("vae"), folder.config("text_encoder")
+    text_2 = folder.config("text_encoder_2") if folder.family == "sdxl" else {}
     scale = 2 ** (len(vae["block_out_channels"]) - 1)
     native = int(unet["sample_size"]) * scale
     height, width = preset.resolution or (native, native)
@@ -70,9 +83,17 @@ def resolve_dims(folder: ModelFolder, preset: Preset) -> Dims:
     if height % multiple or width % multiple:
         raise PresetError(f"resolution {height}x{width} does not fit this model",
                           f"height and width must be multiples of {multiple} (native size: {native}x{native})")
-    if text["hidden_size"] != unet["cross_attention_dim"]:
-        raise PresetError(f"text encoder width {text['hidden_size']} differs from the UNet's cross-attention width "
-                          f"{unet['cross_attention_dim']}: the model folder mixes two models")
+    context = int(text["hidden_size"]) + int(text_2.get("hidden_size", 0))
+    if context != unet["cross_attention_dim"]:
+        raise ModelError(f"text encoder width {context} differs from the UNet's cross-attention width "
+                         f"{unet['cross_attention_dim']}: the model folder mixes two models",
+                         "copy the text_encoder/ (and text_encoder_2/) folders from the UNet's own model")
+    pooled = int(text_2.get("projection_dim", 0))
+    if text_2 and int(unet.get("projection_class_embeddings_input_dim") or 0) != pooled + 6 * int(
+            unet.get("addition_time_embed_dim") or 0):
+        raise ModelError("the UNet's added conditioning does not fit the second text encoder's projection "
+                         f"({pooled}) and six time ids: the model folder mixes two models",
+                         "copy text_encoder_2/ from the UNet's own model")
     latent, unet_in = int(unet.get("out_channels", 4)), int(unet.get("in_channels", 4))
     if unet_in not in (latent, 2 * latent + 1) or int(vae.get("latent_channels", 4)) != latent:
         raise ModelError(f"a UNet with {unet_in} input and {latent} output channels over a VAE with "
@@ -80,7 +101,10 @@ def resolve_dims(folder: ModelFolder, preset: Preset) -> Dims:
                          f"supported: {latent} input channels (text to image) or {2 * latent + 1} (inpainting)",
                          code="unsupported-model")
     return Dims(height=height, width=width, latent_channels=latent, unet_in_channels=unet_in, vae_scale_factor=scale,
-                text_length=int(text["max_position_embeddings"]), text_hidden=int(text["hidden_size"]),
+                text_length=int(text["max_position_embeddings"]), text_hidden=context,
+                text_hidden_1=int(text["hidden_size"]) if text_2 else 0,
+                text_hidden_2=int(text_2.get("hidden_size", 0)), pooled_dim=pooled,
+                time_cond_dim=int(unet.get("time_cond_proj_dim") or 0),
                 vocab_size=int(text["vocab_size"]), unet_batch=preset.unet_batch,
                 vae_tile=preset.vae_tiling.tile if preset.vae_tiling else 0,
                 vae_overlap=preset.vae_tiling.overlap if preset.vae_tiling else 0,
@@ -98,9 +122,21 @@ def _decoder_head(preset: Preset, dims: Dims) -> bool:
 
 
 def export_components(preset: Preset, dims: Dims) -> tuple[str, ...]:
-    """The preset's components, with the decoder's head just before the decoder where it runs whole."""
+    """The preset's components, with the decoder's head just before the decoder where it runs whole, and SDXL's
+    second text encoder just after the first (it follows the first's settings)."""
     head = _decoder_head(preset, dims)
-    return tuple(c for c in preset.components for c in ((HEAD_ID, c) if c == "vae_decoder" and head else (c,)))
+    sdxl = _family(dims) == "sdxl"
+
+    def expand(c: str) -> tuple[str, ...]:
+        if c == "vae_decoder" and head:
+            return HEAD_ID, c
+        return (c, "text_encoder_2") if c == "text_encoder" and sdxl else (c,)
+
+    return tuple(c for c in preset.components for c in expand(c))
+
+
+def _family(dims: Dims) -> str:
+    return "sdxl" if dims.text_hidden_2 else "sd"
 
 
 def component_spec(component_id: str, model: Any, dims: Dims, preset: Preset) -> ComponentSpec:
@@ -108,7 +144,12 @@ def component_spec(component_id: str, model: Any, dims: Dims, preset: Preset) ->
     of export/components/group_norm_stats.py, sized from ``model``'s GroupNorms."""
     if component_id == HEAD_ID:
         return HEAD_SPEC
-    spec = TAIL_SPEC if component_id == "vae_decoder" and _decoder_head(preset, dims) else SD_COMPONENTS[component_id]
+    if component_id == "vae_decoder" and _decoder_head(preset, dims):
+        spec = TAIL_SPEC
+    else:
+        spec = components_for(_family(dims))[component_id]
+        if component_id == "unet" and dims.time_cond_dim:
+            spec = with_timestep_cond(spec)
     if _tiled(spec, dims) and preset.vae_tiling is not None and preset.vae_tiling.group_norm == "image":
         return group_norm_stats_spec(spec, model)
     return spec
@@ -130,7 +171,8 @@ def _module_for(folder: ModelFolder, components: tuple[str, ...], index: int, ke
                 loras: tuple[LoraFile, ...]) -> Any:
     """The sub-model of ``components[index]`` with the LoRAs fused: loaded once, and kept in ``kept`` only while a
     later component needs it (the VAE's decoder and encoder), so that the caller's reference is the last one to it."""
-    subfolder = {**{c: s.subfolder for c, s in SD_COMPONENTS.items()}, HEAD_ID: HEAD_SPEC.subfolder}
+    specs = components_for(folder.family)
+    subfolder = {**{c: s.subfolder for c, s in specs.items()}, HEAD_ID: HEAD_SPEC.subfolder}
     sub = subfolder[components[index]]
     module = kept.pop(sub, None)
     if module is None:
@@ -140,13 +182,20 @@ def _module_for(folder: ModelFolder, components: tuple[str, ...], index: int, ke
     return module
 
 
+def _conditioning(folder: ModelFolder) -> dict[str, Any]:
+    """What SDXL's prompt encoding reads from the pipeline's config: whether an absent negative prompt is zeros."""
+    if folder.family != "sdxl":
+        return {}
+    return {"force_zeros_for_empty_prompt": bool(folder.model_index.get("force_zeros_for_empty_prompt", True))}
+
+
 def export_bundle(request: ExportRequest) -> Path:
     """Every check raises inside the staging folder, before its rename: the scheduler config first (seconds), then
     the lossy steps' quality gates and the parity gate per component, the runtime reading the manifest back, and one
     denoising step through the runtime (export/round_trip.py)."""
     loras = check_lora_files(request.loras)
     with staged_folder(request.out, "bundle") as staging, ExitStack() as stack:
-        folder, source = _model_folder(request.model, stack, request.variant)
+        folder, source = _model_folder(request, stack)
         check_scheduler(folder.scheduler_config.get("_class_name"), folder.scheduler_config,
                         str(folder.path / "scheduler" / "scheduler_config.json"))
         _export_into(folder, source, request, staging, loras).write(staging)
@@ -196,7 +245,7 @@ def _write_with_torch(component_id: str, model: Any, dims: Dims, request: Export
     return written
 
 
-def _export_into(folder: ModelFolder, source: str, request: ExportRequest, staging: Path,
+def _export_into(folder: ModelFolder, source: dict[str, Any], request: ExportRequest, staging: Path,
                  loras: tuple[LoraFile, ...]) -> Manifest:
     preset = request.preset
     dims = resolve_dims(folder, preset)
@@ -216,8 +265,8 @@ def _export_into(folder: ModelFolder, source: str, request: ExportRequest, stagi
     vae = folder.config("vae")
     return Manifest(
         schema_version=SCHEMA_VERSION,
-        model={"source": source, "pipeline": folder.model_index.get("_class_name"),
-               "name": Path(source).name if source.startswith("/") else "tiny",
+        model={**source, "pipeline": folder.model_index.get("_class_name"),
+               "family": folder.family, **_conditioning(folder),
                "weights_variants": {sub: folder.variants.get(sub) for sub in sorted(folder.variants)},
                "loras": [lora.to_dict() for lora in loras]},
         target={"preset": preset.name, "preset_source": preset.source, "backend": preset.backend,
@@ -226,7 +275,10 @@ def _export_into(folder: ModelFolder, source: str, request: ExportRequest, stagi
               "latent_width": dims.latent_width, "latent_channels": dims.latent_channels,
               "unet_in_channels": dims.unet_sample_channels,
               "vae_scale_factor": dims.vae_scale_factor, "text_length": dims.text_length,
-              "text_hidden": dims.text_hidden, "vocab_size": dims.vocab_size, "unet_batch": dims.unet_batch},
+              "text_hidden": dims.text_hidden, "vocab_size": dims.vocab_size, "unet_batch": dims.unet_batch,
+              **({"text_hidden_1": dims.text_hidden_1, "text_hidden_2": dims.text_hidden_2,
+                  "pooled_dim": dims.pooled_dim} if dims.text_hidden_2 else {}),
+              **({"time_cond_dim": dims.time_cond_dim} if dims.time_cond_dim else {})},
         latent_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
         tokenizer=write_tokenizer(folder, staging, dims.text_length),
         scheduler={"class_name": folder.scheduler_config.get("_class_name"),

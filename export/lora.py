@@ -19,7 +19,8 @@ from pocketsd.errors import ModelError, UserError
 
 log = logging.getLogger(__name__)
 
-_PREFIX = {"unet": "unet", "text_encoder": "text_encoder"}  # sub-model → key prefix in diffusers' LoRA layout
+# sub-model → key prefix in diffusers' LoRA layout (kohya's lora_te2_ keys become text_encoder_2's: SDXL)
+_PREFIX = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
 _DOWN_KEYS = ("lora_A.weight", "lora.down.weight", "lora_down.weight")  # one per adapted layer, in either layout
 
 
@@ -79,7 +80,7 @@ def check_lora_files(specs: tuple[tuple[str, float], ...]) -> tuple[LoraFile, ..
 
 
 def fuse_loras(module: Any, subfolder: str, loras: tuple[LoraFile, ...]) -> Any:
-    """``module`` (the UNet or the text encoder) with every LoRA's layers for it merged into its weights."""
+    """``module`` (the UNet or a text encoder) with every LoRA's layers for it merged into its weights."""
     if subfolder not in _PREFIX or not loras:
         return module
     try:
@@ -101,7 +102,7 @@ def fuse_loras(module: Any, subfolder: str, loras: tuple[LoraFile, ...]) -> Any:
             if subfolder == "unet":
                 StableDiffusionPipeline.load_lora_into_unet(state, alphas, module, adapter_name=name)
             else:
-                _load_into_text_encoder(state, alphas, module, name)
+                _load_into_text_encoder(state, alphas, module, name, prefix)
         except (ValueError, RuntimeError, KeyError) as exc:
             raise _foreign(lora, subfolder, str(exc).splitlines()[0][:200]) from None
         landed = sum(isinstance(m, BaseTunerLayer) and name in getattr(m, "lora_A", {}) for m in module.modules())
@@ -119,7 +120,7 @@ def fuse_loras(module: Any, subfolder: str, loras: tuple[LoraFile, ...]) -> Any:
 
 
 def _load_into_text_encoder(state: dict[str, Any], alphas: dict[str, Any] | None, text_encoder: Any,
-                            name: str) -> None:
+                            name: str, prefix: str) -> None:
     """diffusers' ``_load_lora_into_text_encoder`` step for step, except that the layers go in through peft's
     ``inject_adapter_in_model`` (what diffusers does for the UNet) instead of transformers' ``load_adapter``, which
     transformers 5 only allows with a peft newer than the package index has (>= 0.22)."""
@@ -127,7 +128,6 @@ def _load_into_text_encoder(state: dict[str, Any], alphas: dict[str, Any] | None
     from diffusers.utils.peft_utils import _create_lora_config
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-    prefix = _PREFIX["text_encoder"]
     state = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
     state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
     if not hasattr(text_encoder, "text_model"):  # CLIPTextModel is flat in newer transformers

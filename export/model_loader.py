@@ -19,9 +19,12 @@ from pocketsd.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                       "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                       "LatentConsistencyModelPipeline")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 _SUBFOLDERS = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder"}
+_SDXL_SUBFOLDERS = {**_SUBFOLDERS, "text_encoder_2": "second text encoder"}
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,18 @@ class ModelFolder:
     def config(self, subfolder: str) -> dict[str, Any]:
         return read_json(self.path / subfolder / "config.json")
 
-    def tokenizer_files(self) -> dict[str, Path]:
-        folder = self.path / "tokenizer"
+    @property
+    def family(self) -> str:
+        """``sdxl`` for a model with SDXL's two text encoders and added conditioning, else ``sd`` (SD 1.x / 2.x)."""
+        return "sdxl" if "XL" in str(self.model_index.get("_class_name")) else "sd"
+
+    @property
+    def tokenizers(self) -> tuple[str, ...]:
+        """The tokenizer folders, one per text encoder in order."""
+        return ("tokenizer", "tokenizer_2") if self.family == "sdxl" else ("tokenizer",)
+
+    def tokenizer_files(self, subfolder: str = "tokenizer") -> dict[str, Path]:
+        folder = self.path / subfolder
         return {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
 
 
@@ -57,12 +70,18 @@ def open_model_folder(path: str | Path, variant: str | None = None) -> ModelFold
                          f"supported: {', '.join(SUPPORTED_PIPELINES)}", code="unsupported-model")
     if variant is not None and not _VARIANT_NAME.fullmatch(variant):
         raise ModelError(f"--variant {variant!r} is not a weights variant name", "use e.g. --variant fp16")
-    variants = {sub: _weights_variant(root / sub, label, variant) for sub, label in _SUBFOLDERS.items()}
-    tok = root / "tokenizer"
-    for name in ("vocab.json", "merges.txt"):
-        if not (tok / name).is_file():
-            raise ModelError(f"{root} is missing its tokenizer: {tok / name} not found",
-                             "copy the tokenizer/ folder of the original model into the model folder")
+    sdxl = "XL" in kind
+    first = index.get("text_encoder")
+    if sdxl and not (isinstance(first, list) and first and first[0]):
+        raise ModelError(f"{root} has no first text encoder (an SDXL refiner?): pocketsd exports text-to-image "
+                         "models with their text encoders", "export the SDXL base model", code="unsupported-model")
+    subfolders = _SDXL_SUBFOLDERS if sdxl else _SUBFOLDERS
+    variants = {sub: _weights_variant(root / sub, label, variant) for sub, label in subfolders.items()}
+    for tok in (root / "tokenizer", root / "tokenizer_2") if sdxl else (root / "tokenizer",):
+        for name in ("vocab.json", "merges.txt"):
+            if not (tok / name).is_file():
+                raise ModelError(f"{root} is missing its {tok.name}: {tok / name} not found",
+                                 f"copy the {tok.name}/ folder of the original model into the model folder")
     sched = root / "scheduler" / "scheduler_config.json"
     if not sched.is_file():
         raise ModelError(f"{root} is missing its scheduler: {sched} not found",
@@ -70,8 +89,9 @@ def open_model_folder(path: str | Path, variant: str | None = None) -> ModelFold
     return ModelFolder(root, index, read_json(sched), variants)
 
 
+# diffusers' name for each sub-model's full-precision weights
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                "text_encoder": "model.safetensors"}  # diffusers' name for each sub-model's full-precision weights
+                "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
 _VARIANT_NAME = re.compile(r"[A-Za-z0-9_]{1,32}")
 _PICKLES = (".bin", ".ckpt", ".pt", ".pth")
 
@@ -171,6 +191,8 @@ def load_module(folder: ModelFolder, subfolder: str) -> Any:
 
     if subfolder == "text_encoder":
         from transformers import CLIPTextModel as cls
+    elif subfolder == "text_encoder_2":
+        from transformers import CLIPTextModelWithProjection as cls
     elif subfolder == "unet":
         from diffusers import UNet2DConditionModel as cls
     elif subfolder == "vae":

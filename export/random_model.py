@@ -6,8 +6,13 @@ text encoder in CLIPTextModel form, v-prediction, linear projections, upcast att
 token) and ``tiny-sd21`` the same family at the tiny size. ``sd15-inpaint`` is SD 1.5's inpainting model (a UNet
 of 9 input channels: latents, mask, masked image latents), ``tiny-inpaint`` its tiny twin. ``tiny-turbo`` is an
 SD-Turbo-style model at the tiny size (SD 2.x family, Euler with trailing timesteps: one to four steps, no
-guidance). A folder may add ``pipeline.json``: its pipeline class and tokenizer pad token. All are deterministic
-(fixed seed) and written in the standard diffusers layout that the pipeline class's ``from_pretrained`` loads.
+guidance). ``sdxl`` is SDXL base 1.0 (two text encoders, CLIP ViT-L and OpenCLIP bigG with its projection; a
+UNet with added size and text conditioning; 1024²), ``sdxl-turbo`` the same model at 512² with SDXL-Turbo's
+scheduler (Euler ancestral, trailing timesteps), ``tiny-sdxl`` the family at the tiny size. A folder may add
+``pipeline.json``: its pipeline class and tokenizer pad tokens. ``sd15-lcm`` is an LCM-distilled SD 1.5 (LCM
+Dreamshaper's shape: a UNet that takes the guidance scale's embedding, the LCM scheduler), ``tiny-lcm`` its twin.
+All are deterministic (fixed seed) and written in the standard diffusers layout that the pipeline class's
+``from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from pocketsd.errors import UserError
 from pocketsd.staging import staged_folder
 
 log = logging.getLogger(__name__)
-ARCHS = ("tiny", "sd15", "tiny-sd21", "sd21", "tiny-inpaint", "sd15-inpaint", "tiny-turbo")
+ARCHS = ("tiny", "sd15", "tiny-sd21", "sd21", "tiny-inpaint", "sd15-inpaint", "tiny-turbo", "tiny-sdxl", "sdxl",
+         "sdxl-turbo", "tiny-lcm", "sd15-lcm")
 SEED = 0
 
 
@@ -37,6 +43,7 @@ class ModelConfigs:
     scheduler: dict[str, Any]
     arch: str = "custom"
     extra: dict[str, Any] = field(default_factory=dict)
+    text_encoder_2: dict[str, Any] | None = None  # SDXL's second text encoder (CLIPTextModelWithProjection)
 
 
 def builtin_configs(arch: str) -> ModelConfigs:
@@ -45,10 +52,21 @@ def builtin_configs(arch: str) -> ModelConfigs:
     folder = resources.files("pocketsd.export") / "model_configs" / arch
     load = lambda name: json.loads((folder / f"{name}.json").read_text())  # noqa: E731
     extra = load("pipeline") if (folder / "pipeline.json").is_file() else {}
-    return ModelConfigs(load("unet"), load("vae"), load("text_encoder"), load("scheduler"), arch=arch, extra=extra)
+    second = load("text_encoder_2") if (folder / "text_encoder_2.json").is_file() else None
+    return ModelConfigs(load("unet"), load("vae"), load("text_encoder"), load("scheduler"), arch=arch, extra=extra,
+                        text_encoder_2=second)
 
 
-def _model_index(diffusers_version: str, scheduler_class: str, pipeline_class: str) -> dict[str, Any]:
+def _model_index(diffusers_version: str, scheduler_class: str, pipeline_class: str,
+                 configs: ModelConfigs) -> dict[str, Any]:
+    if configs.text_encoder_2 is not None:  # SDXL's pipeline has no safety checker
+        return {"_class_name": pipeline_class, "_diffusers_version": diffusers_version,
+                "feature_extractor": [None, None], "image_encoder": [None, None],
+                "force_zeros_for_empty_prompt": bool(configs.extra.get("force_zeros_for_empty_prompt", True)),
+                "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
     return {
         "_class_name": pipeline_class,
         "_diffusers_version": diffusers_version,
@@ -68,7 +86,7 @@ def _write_components(configs: ModelConfigs, root: Path) -> None:
     import diffusers
     import torch
     import transformers
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from pocketsd.export.tokenizer_files import write_clip_tokenizer
 
@@ -85,6 +103,13 @@ def _write_components(configs: ModelConfigs, root: Path) -> None:
     text_encoder = CLIPTextModel(CLIPTextConfig(**{**configs.text_encoder, **special}))
     text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
     del text_encoder
+    if configs.text_encoder_2 is not None:
+        write_clip_tokenizer(root / "tokenizer_2", vocab_size=configs.text_encoder_2["vocab_size"],
+                             pad_token=configs.extra.get("tokenizer_2_pad_token", "!"))
+        torch.manual_seed(SEED + 3)
+        second = CLIPTextModelWithProjection(CLIPTextConfig(**{**configs.text_encoder_2, **special}))
+        second.save_pretrained(root / "text_encoder_2", safe_serialization=True)
+        del second
     torch.manual_seed(SEED + 1)
     unet = diffusers.UNet2DConditionModel(**configs.unet)
     unet.save_pretrained(root / "unet", safe_serialization=True)
@@ -94,7 +119,7 @@ def _write_components(configs: ModelConfigs, root: Path) -> None:
     scheduler_class = configs.scheduler.get("_class_name", "PNDMScheduler")
     getattr(diffusers, scheduler_class).from_config(configs.scheduler).save_pretrained(root / "scheduler")
     index = _model_index(diffusers.__version__, scheduler_class,
-                         configs.extra.get("pipeline_class", "StableDiffusionPipeline"))
+                         configs.extra.get("pipeline_class", "StableDiffusionPipeline"), configs)
     (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 

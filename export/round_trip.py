@@ -126,8 +126,9 @@ def _one_step(pipe: Pipeline, manifest: Manifest, latents: tuple[int, ...], rng:
     guided = int(manifest.dims["unet_batch"]) == 2
     sched = make_scheduler(pipe.default_scheduler, manifest.scheduler["config"])
     schedule = sched.set_timesteps(STEPS)
-    cond = pipe.encode_prompt(PROMPT)
-    context = pipe.unet_context(np.concatenate([pipe.encode_prompt(""), cond]) if guided else cond)
+    cond = pipe.text.encode(PROMPT)
+    rows = [pipe.text.negative(None, cond, then="unet"), cond] if guided else [cond]
+    context = pipe.text.unet_inputs(rows, 1, int(manifest.dims["height"]), int(manifest.dims["width"]))
     x = rng.standard_normal(latents, dtype=np.float32) * np.float32(schedule.init_noise_sigma)
     model_in = sched.scale_model_input(schedule, x, 0)
     extra = int(manifest.dims.get("unet_in_channels", latents[1])) - latents[1]

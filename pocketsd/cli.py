@@ -29,10 +29,21 @@ def _chunks_arg(text: str) -> tuple[str, int]:
 
 
 def cmd_random_model(args: argparse.Namespace) -> int:
+    from pocketsd.export.original_layout import check_single_file_target, sd1_layout_problem, write_original_layout
     from pocketsd.export.random_model import builtin_configs, write_random_model
 
-    out = write_random_model(args.dir, builtin_configs(args.arch))
+    configs = builtin_configs(args.arch)
+    if args.single_file is not None:  # refused before the model is built, not after
+        check_single_file_target(args.single_file)
+        problem = sd1_layout_problem(configs.unet, configs.text_encoder,
+                                     configs.extra.get("pipeline_class", "StableDiffusionPipeline"))
+        if problem:
+            raise UserError(f"--single-file: --arch {args.arch} has no SD 1.x original layout: {problem}",
+                            "use --arch tiny, tiny-inpaint, sd15 or sd15-inpaint", code="arch")
+    out = write_random_model(args.dir, configs)
     print(f"wrote random {args.arch} model to {out}")
+    if args.single_file is not None:
+        print(f"wrote it as one original-layout checkpoint to {write_original_layout(out, args.single_file)}")
     return 0
 
 
@@ -52,7 +63,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     preset = with_overrides(load_preset(args.preset), chunks, args.max_chunk_mb, args.resolution)
     out = export_bundle(ExportRequest(model=args.model, preset=preset, out=Path(args.out), seed=args.seed,
                                       progress=not args.quiet, warm_cache=not args.no_warm_cache,
-                                      variant=args.variant, loras=tuple(parse_lora_arg(a) for a in args.lora or ())))
+                                      variant=args.variant, loras=tuple(parse_lora_arg(a) for a in args.lora or ()),
+                                      tokenizer=args.tokenizer))
     print(f"wrote bundle {out} (preset {preset.name}); see `pocketsd inspect {out}`")
     return 0
 
@@ -242,10 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny, sd15 (SD 1.5), tiny-sd21, sd21 (SD 2.1 768-v), tiny-inpaint, sd15-inpaint "
                         "(9-channel inpainting UNet), tiny-turbo (SD-Turbo style); the ones not named tiny are at "
                         "full published size")
+    p.add_argument("--single-file", metavar="FILE.safetensors",
+                   help="also write the model as one checkpoint in SD 1.x's original (CompVis) key layout, as "
+                        "single-file models are shared (SD 1.x archs only)")
     p.set_defaults(run=cmd_random_model)
 
     p = sub.add_parser("export", help="export a model to a chunked, parity-checked bundle")
-    p.add_argument("--model", required=True, help="'tiny' (built-in) or a diffusers model folder")
+    p.add_argument("--model", required=True,
+                   help="'tiny' (built-in), a diffusers model folder, or a single-file SD 1.x checkpoint "
+                        "(.safetensors in the original layout; needs --tokenizer)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="for a single-file --model: the tokenizer/ folder (vocab.json, merges.txt) of a diffusers "
+                        "model of the same family, e.g. SD 1.5's")
     p.add_argument("--preset", default="cpu", help="built-in preset name (cpu, cpu-lowmem, ...) or a YAML file")
     p.add_argument("--out", required=True, help="bundle folder to create (must not exist or be empty)")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",

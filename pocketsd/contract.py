@@ -54,6 +54,8 @@ class TextEncoderIO:
     input_ids: str = "input_ids"
     last_hidden_state: str = "last_hidden_state"
     pooled_outputs: str = "pooled_outputs"
+    # SDXL's encoders give the UNet their penultimate layer's states (Apple's name), and the second its projection
+    hidden_embeds: str = "hidden_embeds"
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,11 @@ class UnetIO:
     timestep: str = "timestep"
     encoder_hidden_states: str = "encoder_hidden_states"
     noise_pred: str = "noise_pred"
+    # SDXL's added conditioning: the second text encoder's pooled projection, and the six size/crop numbers
+    text_embeds: str = "text_embeds"
+    time_ids: str = "time_ids"
+    # an LCM-distilled UNet's guidance-scale embedding (diffusers' ``timestep_cond``)
+    timestep_cond: str = "timestep_cond"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -226,6 +227,47 @@ def check_memory(name: str, error: type[UserError] = GenerateError) -> str:
     if name not in POLICIES:
         raise error(f"unknown memory policy {name!r}", f"choose one of: {', '.join(MEMORY_POLICIES)}")
     return name
+
+
+# Resident memory on onnxruntime runs at about twice a bundle's weights and more (each open session keeps its own
+# arena; at 512² SD 1.5's 3.4 GB UNet peaked at 12.8 GB). A bundle whose weights alone exceed half of the memory
+# available is streamed unless the caller asked for resident: SDXL's `cpu` bundle at 1024² (13 GB of weights) was
+# killed by the kernel on a 24 GB box when resident, and ran in 4.5 GB streamed.
+RESIDENT_FACTOR = 2
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available for new work (Linux ``MemAvailable``, else physical memory); None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_memory(manifest: Manifest, preset_memory: str) -> str:
+    """The policy a bundle runs under when the caller named none: its preset's, except that a resident bundle too
+    large for this machine (``RESIDENT_FACTOR``) is streamed, with a warning saying so."""
+    if preset_memory != "resident":
+        return preset_memory
+    weights = sum(c.weight_bytes for comp in manifest.components.values() for c in comp.chunks)
+    available = available_memory()
+    if available is None or RESIDENT_FACTOR * weights <= available:
+        return preset_memory
+    log.warning("keeping every chunk of this bundle open needs about %.1f GB (its weights: %.1f GB); %.1f GB are "
+                "available: streaming the chunks instead (pass --memory resident to insist)",
+                RESIDENT_FACTOR * weights / 1e9, weights / 1e9, available / 1e9)
+    try:
+        check_streamable(manifest, "stream")
+    except UserError:  # CoreML chunks stream on no platform yet: resident is all there is
+        return preset_memory
+    return "stream"
 
 
 def make_policy(name: str, opener: Opener, low_memory: bool = False, open_workers: int = 1) -> ExecutionPolicy:

@@ -50,6 +50,7 @@ from pocketsd.staging import abandoned_staging
 FORMAT = "pocketsd-bundle"
 SCHEMA_VERSION = "1.1"  # 1.1: chunks may carry an optimized graph (ignored by 1.0 readers)
 MANIFEST_NAME = "manifest.json"
+SECOND_TOKENIZER = "text_encoder_2"  # the tokenizer entry's key for SDXL's second tokenizer (see _tokenizer)
 CHUNK_FORMATS = ("onnx", "mlpackage")
 
 
@@ -164,6 +165,7 @@ class Manifest:
 
     def all_files(self) -> list[FileRef]:
         files: list[FileRef] = list(self.tokenizer.get("files", {}).values())
+        files.extend(self.tokenizer.get(SECOND_TOKENIZER, {}).get("files", {}).values())
         if self.plan is not None:
             files.append(self.plan)
         for component in self.components.values():
@@ -272,6 +274,14 @@ def _component(name: str, f: Field) -> Component:
     )
 
 
+def _tokenizer(f: Field) -> dict[str, Any]:
+    """The tokenizer entry, its files as FileRefs; SDXL's second tokenizer is the same kind of entry, nested under
+    ``text_encoder_2`` (the component it feeds)."""
+    second = f.key(SECOND_TOKENIZER, None)
+    nested = {} if second.value is None else {SECOND_TOKENIZER: _tokenizer(second)}
+    return {**f.obj(), "files": {k: _file(v) for k, v in f.key("files", {}).items()}, **nested}
+
+
 def manifest_from_dict(d: Any, where: str = MANIFEST_NAME) -> Manifest:
     """A manifest from parsed JSON. Anything wrong with it raises ``BundleError`` naming the key path."""
     top = Field(d, where)
@@ -296,7 +306,7 @@ def manifest_from_dict(d: Any, where: str = MANIFEST_NAME) -> Manifest:
         target=dict(top.key("target").obj()),
         dims={k: v.int() for k, v in top.key("dims").items()},
         latent_scaling_factor=top.key("latent_scaling_factor").number(),
-        tokenizer={**tokenizer.obj(), "files": {k: _file(v) for k, v in tokenizer.key("files", {}).items()}},
+        tokenizer=_tokenizer(tokenizer),
         scheduler=dict(top.key("scheduler").obj()),
         components={k: _component(k, v) for k, v in top.key("components").items()},
         plan=None if plan.value is None else _file(plan),

@@ -22,8 +22,8 @@ import numpy as np
 from pocketsd.contract import MAX_IMAGES, TEXT_ENCODER_IO, UNET_IO, VAE_DECODER_IO, VAE_ENCODER_IO
 from pocketsd.errors import BundleError, GenerateError
 from pocketsd.runtime.chain import ComponentRunner
-from pocketsd.runtime.execution import check_memory, check_streamable, chunk_opener, make_policy
-from pocketsd.runtime.hashing import sha256_once
+from pocketsd.runtime.conditioning import Encoded, TextConditioning, is_lcm, is_sdxl
+from pocketsd.runtime.execution import check_memory, check_streamable, chunk_opener, default_memory, make_policy
 from pocketsd.runtime.images import image_to_array, to_pil
 from pocketsd.runtime.inpaint import Inpainting, latent_mask, mask_to_array
 from pocketsd.runtime.json_fields import REEXPORT, Field
@@ -31,7 +31,6 @@ from pocketsd.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 from pocketsd.runtime.schedulers import NoiseSource, make_scheduler
 from pocketsd.runtime.sessions import SessionOptions, check_engine, open_workers, verify_chunk, verify_in_background
 from pocketsd.runtime.tiling import TileIO, call_tiled, decoder_head
-from pocketsd.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,8 @@ class Pipeline:
         self.policy = make_policy(memory, chunk_opener(self.bundle_dir, self.options), self.options.low_memory,
                                   open_workers(self.options.engine))
         self._runners: dict[str, ComponentRunner] = {}
-        self.tokenizer = self._open_tokenizer()
+        self.text = TextConditioning(self.bundle_dir, manifest, self.runner, self._expect)
+        self.tokenizer = self.text.tokenizer
         # every chunk's files are checked from now on, on a background thread, ahead of the opens that need them
         verify_in_background(self.bundle_dir, [c for comp in manifest.components.values() for c in comp.chunks],
                              self.options)
@@ -82,8 +82,8 @@ class Pipeline:
             compute_units=compute_units or config.key("coreml", {}).key("compute_units", "all").str(),
             engine=engine,
         )
-        if memory is None:
-            memory = check_memory(runtime.key("memory", "resident").str(), BundleError)
+        if memory is None:  # the preset's, unless the bundle is too large to keep open here (execution.py)
+            memory = default_memory(manifest, check_memory(runtime.key("memory", "resident").str(), BundleError))
         return cls(Path(path), manifest, options, memory)
 
     def close(self) -> None:
@@ -97,18 +97,6 @@ class Pipeline:
         return DEFAULT_SCHEDULERS.get(str(self.manifest.scheduler.get("class_name")), "euler")
 
     # -- components ------------------------------------------------------------------------------------------------
-    def _open_tokenizer(self) -> ClipTokenizer:
-        Field(self.manifest.tokenizer, str(self.bundle_dir / MANIFEST_NAME), "tokenizer").key("max_length").int(1)
-        files = self.manifest.tokenizer.get("files", {})
-        if "vocab.json" not in files:
-            raise BundleError(f"{self.bundle_dir}: the manifest names no tokenizer vocab.json", "re-export the bundle")
-        for ref in files.values():
-            if sha256_once(self.bundle_dir / ref.path) != ref.sha256:
-                raise BundleError(f"{self.bundle_dir / ref.path} does not match its sha256 in the manifest",
-                                  "re-export or re-copy the bundle")
-        folder = self.bundle_dir / Path(files["vocab.json"].path).parent
-        return ClipTokenizer.from_dir(folder, max_length=int(self.manifest.tokenizer["max_length"]))
-
     def runner(self, component_id: str) -> ComponentRunner:
         """The component's chain of chunks. Resident: its sessions are opened (and hash-checked) here, once; stream
         and prefetch open each chunk when it runs (its files are still hash-checked only once per process)."""
@@ -127,31 +115,28 @@ class Pipeline:
                 verify_chunk(self.bundle_dir, chunk, self.options.disk_cache)
 
     def encode_prompt(self, prompt: str) -> np.ndarray:
-        """Text states (1, S, C) for one prompt; the ids go in as the bundle's dtype (int64, or float32 for CoreML)."""
-        runner = self.runner("text_encoder")
-        ids = self.tokenizer.encode([prompt]).astype(runner.component.inputs[0].dtype)
-        return runner(**{TEXT_ENCODER_IO.input_ids: ids})[TEXT_ENCODER_IO.last_hidden_state]
+        """Text states (1, S, C) for one prompt, as the UNet takes them (SDXL: both encoders' states)."""
+        return self.text.encode(prompt).states
 
     def unet_context(self, states: np.ndarray) -> np.ndarray:
         """Text states (B, S, C) in the layout the bundle's UNet takes: Apple's (B, C, 1, S) where it says so."""
-        spec = {t.name: t for t in self.manifest.component("unet").inputs}[UNET_IO.encoder_hidden_states]
-        if len(spec.shape) == 4:
-            return np.ascontiguousarray(states.transpose(0, 2, 1)[:, :, None, :])
-        return states
+        return self.text.unet_layout(states)
 
-    def unet(self, sample: np.ndarray, timestep: float, context: np.ndarray) -> np.ndarray:
+    def unet(self, sample: np.ndarray, timestep: float, context: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
         """One model call for every row of ``sample``: as many calls as the exported UNet batch needs. A batch-2
-        UNet without guidance (one row) gets the row twice and its first output kept. ``context`` is in the UNet's
-        layout (``unet_context``). Under stream/prefetch the calls run chunk-major, so each chunk is opened once
-        per step, not once per call; the results are the same."""
+        UNet without guidance (one row) gets the row twice and its first output kept. ``context``: the text states
+        in the UNet's layout (``unet_context``), or every conditioning input by name, one row per sample row
+        (``TextConditioning.unet_inputs``: SDXL adds ``text_embeds`` and ``time_ids``). Under stream/prefetch the
+        calls run chunk-major, so each chunk is opened once per step, not once per call; the results are the same."""
         batch = int(self.manifest.dims["unet_batch"])
         runner = self.runner("unet")
         t = np.full((batch,), timestep, dtype=np.float32)
+        conditioning = context if isinstance(context, dict) else {UNET_IO.encoder_hidden_states: context}
         feeds = []
         for start in range(0, sample.shape[0], batch):
             rows = np.arange(start, start + batch).clip(max=sample.shape[0] - 1)
             feeds.append({UNET_IO.sample: np.ascontiguousarray(sample[rows]), UNET_IO.timestep: t,
-                          UNET_IO.encoder_hidden_states: np.ascontiguousarray(context[rows])})
+                          **{name: np.ascontiguousarray(value[rows]) for name, value in conditioning.items()}})
         calls = runner.run_many(feeds) if self.policy.chunk_major else [runner(**f) for f in feeds]
         outputs = [out[UNET_IO.noise_pred][: min(batch, sample.shape[0] - start)]
                    for out, start in zip(calls, range(0, sample.shape[0], batch))]
@@ -185,16 +170,18 @@ class Pipeline:
         schedule = sched.set_timesteps(num_inference_steps)  # a bad step count fails before any chunk runs
         if generator is None:
             generator = np.random.default_rng(secrets.randbelow(2**31) if seed is None else int(seed))
-        negative = "" if negative_prompt is None else negative_prompt
-        guided = guidance_scale > 1.0
+        # an LCM UNet takes the guidance scale as an input (TextConditioning.unet_inputs), not as a second batch
+        guided = guidance_scale > 1.0 and not is_lcm(self.manifest)
         after_text = "unet" if image is None else "vae_encoder"
-        self._expect("text_encoder" if guided else after_text)  # what comes next, for the prefetch policy
-        cond = finite(self.encode_prompt(prompt), "before the first step", "the text encoder output")
+        # the prefetch policy is told what comes next: the text encoder(s) again for the negative prompt, or after
+        again = guided and self.text.encodes_negative(negative_prompt)
+        cond = self.text.encode(prompt, then=self.text.encoders[0] if again else after_text)
+        rows = [_finite_text(cond, "")]
         if guided:
-            self._expect(after_text)
-            cond = np.concatenate([finite(self.encode_prompt(negative), "before the first step",
-                                          "the text encoder output for the negative prompt"), cond])
-        context = self.unet_context(np.repeat(cond, n, axis=0))  # [negative] * n + [prompt] * n, as diffusers
+            rows.insert(0, _finite_text(self.text.negative(negative_prompt, cond, then=after_text),
+                                        " for the negative prompt"))
+        d = self.manifest.dims
+        context = self.text.unet_inputs(rows, n, int(d["height"]), int(d["width"]), float(guidance_scale))
         if image is not None:
             start = schedule.start_index(strength)
             if start >= len(schedule.timesteps):
@@ -331,6 +318,13 @@ class Pipeline:
         return np.transpose(image[0], (1, 2, 0)).astype(np.float32)
 
 
+def _finite_text(encoded: Encoded, whose: str) -> Encoded:
+    finite(encoded.states, "before the first step", f"the text encoder output{whose}")
+    if encoded.pooled is not None:
+        finite(encoded.pooled, "before the first step", f"the second text encoder's pooled output{whose}")
+    return encoded
+
+
 def finite(array: np.ndarray, when: str, what: str) -> np.ndarray:
     """``array``, after checking it holds no NaN or infinity; else a GenerateError saying when and where."""
     if np.isfinite(array).all():
@@ -367,6 +361,9 @@ _DIMS = ("height", "width", "latent_channels", "latent_height", "latent_width", 
 # component → (inputs, outputs) the pipeline feeds and reads by name
 _NAMED_IO = {"text_encoder": ((), (TEXT_ENCODER_IO.last_hidden_state,)), "vae_decoder": ((), ()),
              "unet": ((UNET_IO.sample, UNET_IO.timestep, UNET_IO.encoder_hidden_states), (UNET_IO.noise_pred,))}
+_SDXL_NAMED_IO = {**_NAMED_IO, "text_encoder": ((), (TEXT_ENCODER_IO.hidden_embeds,)),
+                  "text_encoder_2": ((), (TEXT_ENCODER_IO.hidden_embeds, TEXT_ENCODER_IO.pooled_outputs)),
+                  "unet": ((*_NAMED_IO["unet"][0], UNET_IO.text_embeds, UNET_IO.time_ids), _NAMED_IO["unet"][1])}
 
 
 def check_for_generation(manifest: Manifest, where: str) -> None:
@@ -376,7 +373,7 @@ def check_for_generation(manifest: Manifest, where: str) -> None:
         if manifest.dims.get(name, 0) < 1:
             raise Field(None, where, f"dims.{name}").fail("is missing" if name not in manifest.dims else "is 0")
     Field(manifest.scheduler, where, "scheduler").key("config").obj()
-    for component_id, (inputs, outputs) in _NAMED_IO.items():
+    for component_id, (inputs, outputs) in (_SDXL_NAMED_IO if is_sdxl(manifest) else _NAMED_IO).items():
         component = manifest.component(component_id)
         have_in, have_out = [t.name for t in component.inputs], [t.name for t in component.outputs]
         missing = [n for n in inputs if n not in have_in] + [n for n in outputs if n not in have_out]

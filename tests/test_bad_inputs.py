@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.numpy import save_file
 
 from pocketsd.cli import main
 from pocketsd.errors import GenerateError
@@ -59,6 +60,14 @@ class Env:
     def file(self, name: str, text: str) -> Path:
         (self.tmp / name).write_text(text)
         return self.tmp / name
+
+    @functools.cached_property
+    def single_file(self) -> Path:
+        from pocketsd.export.original_layout import write_original_layout
+        return write_original_layout(self._model, self.tmp / "tiny.safetensors")
+
+    def tensors(self, name: str, keys: tuple[str, ...]) -> Path:  # a safetensors file of these (4, 4) tensors
+        return save_file({key: np.zeros((4, 4), np.float32) for key in keys}, str(self.tmp / name)) or self.tmp / name
 
 
 def gen(*extra: str) -> Callable[[Env], list[str]]:
@@ -298,6 +307,15 @@ CASES = [
          lambda e: rename_weights(e, "diffusion_pytorch_model.bin")),
     Case("export-truncated-weights", export(), "cannot load the text_encoder",
          lambda e: (e.model / "text_encoder/model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{")),
+    # -- export: a single-file checkpoint
+    Case("export-single-file-unknown-keys",
+         export(model=lambda e: e.tensors("mystery.safetensors", ("encoder.weight", "head.bias"))),
+         "error[unknown-checkpoint]: mystery.safetensors matches no architecture pocketsd knows"),
+    Case("export-single-file-no-tokenizer", export(model=lambda e: e.single_file),
+         "tiny.safetensors is a single-file checkpoint, which holds no tokenizer — pass --tokenizer DIR"),
+    Case("export-single-file-pickled", export(model=lambda e: e.file("model.ckpt", "x")),
+         "is a pickled checkpoint: pocketsd never loads pickles"),
+    Case("export-tokenizer-for-a-folder", export("--tokenizer", "tok"), "--tokenizer is for a single-file checkpoint"),
     # -- export: presets and command-line values
     Case("export-preset-components-mapping", preset("components: {unet: {bogus_key: 1}}\n"),
          "mine.yaml: components is a mapping ({'unet': {'bogus_key': 1}}), not a non-empty list"),

@@ -106,10 +106,12 @@ def test_component_specs_use_the_contract_names():
 def test_the_names_on_disk_never_change():
     """Bundles already written and Apple's Swift pipeline read these exact names."""
     assert dataclasses.asdict(contract.TEXT_ENCODER_IO) == {
-        "input_ids": "input_ids", "last_hidden_state": "last_hidden_state", "pooled_outputs": "pooled_outputs"}
+        "input_ids": "input_ids", "last_hidden_state": "last_hidden_state", "pooled_outputs": "pooled_outputs",
+        "hidden_embeds": "hidden_embeds"}
     assert dataclasses.asdict(contract.UNET_IO) == {"sample": "sample", "timestep": "timestep",
                                                     "encoder_hidden_states": "encoder_hidden_states",
-                                                    "noise_pred": "noise_pred"}
+                                                    "noise_pred": "noise_pred", "text_embeds": "text_embeds",
+                                                    "time_ids": "time_ids", "timestep_cond": "timestep_cond"}
     assert dataclasses.asdict(contract.VAE_DECODER_IO) == {"z": "z", "image": "image"}
     assert dataclasses.asdict(contract.VAE_ENCODER_IO) == {"x": "x", "latent": "latent"}
 

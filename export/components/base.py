@@ -21,7 +21,8 @@ class IOSpec:
     name: str
     dtype: str
     dims: tuple[str | int, ...]  # a name resolved by Dims.size, or a size fixed by the model (an int)
-    example: str = "normal"  # normal | tokens | timestep | image | ones | group_norm_stats
+    # normal | tokens | timestep | image | ones | group_norm_stats | time_ids | guidance_embedding
+    example: str = "normal"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class Dims:
     vae_overlap: int = 0  # latent pixels shared by neighbouring VAE tiles
     vae_head_channels: int = 0  # channels of the VAE decoder's mid block (its head's output, vae_decoder.py)
     unet_in_channels: int = 0  # the UNet's input channels; 0: latent_channels (an inpainting UNet takes 2 * 4 + 1)
+    # SDXL (components/sdxl.py): each text encoder's width (text_hidden, the UNet's context, is their sum) and the
+    # second encoder's pooled projection; 0 for a model with one text encoder
+    text_hidden_1: int = 0
+    text_hidden_2: int = 0
+    pooled_dim: int = 0
+    time_cond_dim: int = 0  # an LCM-distilled UNet's guidance embedding width (time_cond_proj_dim); 0: none
 
     @property
     def unet_sample_channels(self) -> int:

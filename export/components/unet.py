@@ -9,6 +9,8 @@ backend, so one contract (names, shapes, chunk boundaries) holds for ONNX and Co
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from pocketsd.contract import UNET_IO as IO
@@ -20,11 +22,18 @@ class UNetWrapper(torch.nn.Module):
         super().__init__()
         setattr(self, WRAPPED, unet)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         # Apple's (batch, channels, 1, sequence) layout → diffusers' (batch, sequence, channels)
         context = encoder_hidden_states.squeeze(2).transpose(1, 2)
-        return getattr(self, WRAPPED)(sample, timestep, context, return_dict=False)[0]
+        return getattr(self, WRAPPED)(sample, timestep, context, timestep_cond=timestep_cond, return_dict=False)[0]
+
+
+def with_timestep_cond(spec: ComponentSpec) -> ComponentSpec:
+    """An LCM-distilled UNet (``time_cond_proj_dim`` in its config) also takes the guidance scale's embedding as
+    ``timestep_cond``, its last input (the wrappers' last argument), and runs without classifier-free guidance."""
+    cond = IOSpec(IO.timestep_cond, "float32", ("batch", "time_cond_dim"), example="guidance_embedding")
+    return replace(spec, inputs=(*spec.inputs, cond))
 
 
 SPEC = ComponentSpec(

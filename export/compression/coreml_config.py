@@ -49,6 +49,8 @@ class MixedBit:
     min_psnr_db: float  # the component's simulated output must stay at or above this
     granularity: str = "per_tensor"
     group_size: int = 0
+    # a bits target instead of the fewest bits within min_psnr_db (which stays the gate): Apple's recipe form
+    average_bits: float | None = None
 
     def layer(self, nbits: int) -> LayerCompression:
         return LayerCompression("palettize", nbits, self.granularity, self.group_size)
@@ -139,7 +141,7 @@ def _check_target(where: str, path: str, granularity: str, palette_bits: Sequenc
 
 
 def _parse_mixed(data: Any, where: str, level: int) -> MixedBit:
-    _mapping(data, where, "mixed_bit", ("bits", "min_psnr_db", "granularity", "group_size"))
+    _mapping(data, where, "mixed_bit", ("bits", "min_psnr_db", "granularity", "group_size", "average_bits"))
     bits = data.get("bits")
     if (not isinstance(bits, list) or len(bits) < 2 or len(set(bits)) != len(bits)
             or any(isinstance(b, bool) or b not in PALETTE_BITS for b in bits)):
@@ -152,7 +154,13 @@ def _parse_mixed(data: Any, where: str, level: int) -> MixedBit:
     if problem:
         _fail(where, f"mixed_bit.{problem[0]}", problem[1], problem[2])
     _check_target(where, "mixed_bit", granularity, bits, level)
-    return MixedBit(tuple(sorted(bits)), psnr, granularity, group_size)
+    average = data.get("average_bits")
+    if average is not None and (isinstance(average, bool) or not isinstance(average, (int, float))
+                                or not min(bits) <= average <= max(bits)):
+        _fail(where, "mixed_bit.average_bits", f"is {average!r}",
+              f"a number of bits from {min(bits)} to {max(bits)} (the widths in bits), e.g. 4.5")
+    return MixedBit(tuple(sorted(bits)), psnr, granularity, group_size,
+                    None if average is None else float(average))
 
 
 def parse_compression(data: Any, where: str, deployment_target: str) -> CompressionConfig:

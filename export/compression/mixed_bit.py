@@ -149,6 +149,19 @@ def _longest_prefix(search: _Search, bits: dict[str, int], ranked: list[str], na
     return low, best
 
 
+def _prefix_for_average(bits: dict[str, int], sizes: dict[str, int], ranked: list[str], narrower: int,
+                        target: float) -> int:
+    """How many layers of ``ranked`` (in order) take ``narrower`` bits before the average per weight element reaches
+    ``target``: the recipe form of a bits budget (``mixed_bit.average_bits``); no forward pass needed."""
+    total = sum(sizes.values())
+    stored = sum(bits[n] * sizes[n] for n in bits)
+    for count, name in enumerate(ranked):
+        if total == 0 or stored / total <= target:
+            return count
+        stored -= (bits[name] - narrower) * sizes[name]
+    return len(ranked)
+
+
 def choose_mixed_bits(model: nn.Module, run: Run, cfg: CompressionConfig, *,
                       workers: int = 1) -> tuple[dict[str, LayerCompression], dict]:
     """Pick per-layer palette widths from ``cfg.mixed_bit.bits`` so that ``simulated_psnr(run(uncompressed),
@@ -178,10 +191,16 @@ def choose_mixed_bits(model: nn.Module, run: Run, cfg: CompressionConfig, *,
         raise PresetError(f"{cfg.source or 'compression'}.mixed_bit.min_psnr_db {mixed.min_psnr_db:g} is out of "
                           f"reach: with every layer at {widths[0]} bits the output is at {psnr:.2f} dB",
                           "lower min_psnr_db, add a wider bit width, or exclude sensitive layers with op_name: null")
+    sizes = {n: search.modules[n].weight.numel() for n in names}
     for wider, narrower in zip(widths, widths[1:]):
         rank = (proxy or errors)[narrower]
         ranked = sorted((n for n in names if bits[n] == wider), key=lambda n: rank[n])
-        count, psnr = _longest_prefix(search, bits, ranked, narrower, mixed.min_psnr_db, psnr)
+        if mixed.average_bits is None:
+            count, psnr = _longest_prefix(search, bits, ranked, narrower, mixed.min_psnr_db, psnr)
+        else:
+            count = _prefix_for_average(bits, sizes, ranked, narrower, mixed.average_bits)
+            search.set_bits({**bits, **dict.fromkeys(ranked[:count], narrower)})
+            psnr = search.measure()
         bits.update(dict.fromkeys(ranked[:count], narrower))
         log.info("mixed bits: %d of %d layers take %d bits (%.2f dB)", count, len(ranked), narrower, psnr)
     search.install(bits)

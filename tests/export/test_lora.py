@@ -27,7 +27,7 @@ from pocketsd.export.lora import check_lora_files, parse_lora_arg  # noqa: E402
 from pocketsd.export.parity import compare  # noqa: E402
 from pocketsd.runtime.manifest import load_manifest  # noqa: E402
 from pocketsd.runtime.pipeline import Pipeline  # noqa: E402
-from tests.runtime.test_pipeline_parity import NEGATIVE, PROMPT  # noqa: E402
+from tests.runtime.test_pipeline_parity import NEGATIVE, PROMPT, TorchNoise  # noqa: E402
 
 SCALE = 0.7
 RANK = 4
@@ -55,15 +55,15 @@ def make_lora(model_dir: Path, out: Path, seed: int = 0) -> Path:
     return out / "lora.safetensors"
 
 
-def fuse_by_hand(text_encoder, lora_file: Path, scale: float) -> None:
+def fuse_by_hand(text_encoder, lora_file: Path, scale: float, prefix: str = "text_encoder") -> None:
     """W += scale * up @ down (alpha = rank), for each text-encoder layer of the file (the reference for the text
     encoder: diffusers would go through transformers' load_adapter, which needs peft >= 0.22 here)."""
     state = load_file(lora_file)
     modules = dict(text_encoder.named_modules())
     for key, down in state.items():
-        if key.startswith("text_encoder.") and ".lora_A." in key:
+        if key.startswith(f"{prefix}.") and ".lora_A." in key:
             up = state[key.replace(".lora_A.", ".lora_B.")]
-            target = key.removeprefix("text_encoder.").split(".lora_A.")[0]
+            target = key.removeprefix(f"{prefix}.").split(".lora_A.")[0]
             target = target if target in modules else target.removeprefix("text_model.")
             with torch.no_grad():
                 modules[target].weight += scale * (up @ down)  # alpha = rank: diffusers reads no alpha from this file
@@ -100,6 +100,20 @@ def expected(tiny_model_dir: Path, lora_file: Path) -> np.ndarray:
                 latents=latents(), output_type="np").images[0]
 
 
+@pytest.fixture(scope="module")
+def expected_lcm(tiny_model_dir: Path, lora_file: Path) -> np.ndarray:
+    """An LCM-LoRA's use: the LoRA fused, the LCM scheduler, 4 steps, guidance off (as diffusers documents it)."""
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(lora_file))
+    diffusers.StableDiffusionPipeline.load_lora_into_unet(state, alphas, pipe.unet)
+    pipe.unet.fuse_lora(lora_scale=SCALE)
+    fuse_by_hand(pipe.text_encoder, lora_file, SCALE)
+    return pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0, latents=latents(),
+                generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+
+
 def latents() -> torch.Tensor:
     return torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(17))
 
@@ -117,12 +131,18 @@ def export(model: Path, out: Path, *loras: str) -> int:
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
-def test_fused_lora_matches_diffusers_fuse_lora(tiny_model_dir, tiny_bundle, lora_file, expected, layout, tmp_path):
+def test_fused_lora_matches_diffusers_fuse_lora(tiny_model_dir, tiny_bundle, lora_file, expected, expected_lcm,
+                                                layout, tmp_path):
     path = lora_file if layout == "diffusers" else to_kohya(lora_file, tmp_path / "kohya.safetensors")
     assert export(tiny_model_dir, tmp_path / "b", f"{path}:{SCALE}") == 0
     actual = ours(tmp_path / "b")
     assert compare(expected, actual).psnr_db >= TOL["pipeline_min_psnr_db"]
     assert compare(ours(tiny_bundle), actual).psnr_db < 35, "the LoRA must change the picture"
+    if layout == "diffusers":  # the LCM-LoRA way of using the same bundle
+        lcm = Pipeline.from_bundle(tmp_path / "b")(PROMPT, num_inference_steps=4, guidance_scale=1.0, scheduler="lcm",
+                                                   latents=latents().numpy(), generator=TorchNoise(3),
+                                                   output_type="np")
+        assert compare(expected_lcm, lcm).psnr_db >= TOL["pipeline_min_psnr_db"]
     recorded = load_manifest(tmp_path / "b").model["loras"]
     assert recorded == [{"file": path.name, "sha256": check_lora_files(((str(path), 1.0),))[0].sha256,
                          "scale": SCALE}]

@@ -73,6 +73,22 @@ def test_mixed_bits_on_tiny_unet_keep_pins_and_exclusions():
     assert report["forward_passes"] <= 2 + math.ceil(math.log2(report["layers"] + 1))
 
 
+def test_mixed_bits_to_an_average_take_the_least_damaging_layers_first():
+    """``average_bits`` (Apple's recipe form, iphone-sdxl): narrowed in the ranking's order until the average per
+    weight element reaches the target; one forward pass per width, and the PSNR reported is the model's."""
+    reference = run_unet(tiny_unet())
+    model = tiny_unet()
+    cfg = parse_compression({"mixed_bit": {"bits": [4, 6], "average_bits": 4.5, "min_psnr_db": 10}}, "u", "iOS17")
+    chosen, report = choose_mixed_bits(model, run_unet, cfg)
+    assert 4.0 < report["average_bits"] <= 4.5
+    assert report["bits_histogram"]["4"] > report["bits_histogram"]["6"] > 0
+    assert report["forward_passes"] == 3  # the reference, all at 6 bits, the chosen mix
+    assert simulated_psnr(reference, run_unet(model)) == report["psnr_db"]
+    for bad in (3, 7, "4.5", True):
+        with pytest.raises(PresetError, match="average_bits"):
+            parse_compression({"mixed_bit": {"bits": [4, 6], "average_bits": bad, "min_psnr_db": 10}}, "u", "iOS17")
+
+
 def test_mixed_bits_without_gradients_rank_by_weight_error():
     def run_no_grad(model):
         with torch.no_grad():

@@ -332,3 +332,26 @@ def test_streamed_sessions_hand_out_arrays_of_their_own(tiny_bundle: Path):
     resident = open_chunk(tiny_bundle, first, SessionOptions()).run(feeds)
     assert all(v.base is None and v.flags.owndata for v in streamed.values())
     assert all(np.array_equal(streamed[k], resident[k]) for k in resident)
+
+
+def test_a_bundle_too_large_to_keep_open_here_is_streamed(tiny_bundle: Path, monkeypatch, caplog):
+    """Resident needs about RESIDENT_FACTOR × the weights (SDXL's cpu bundle was killed for memory on a 24 GB box):
+    with less available and no policy asked for, the chunks are streamed and a warning says so; asked-for wins."""
+    manifest = load_manifest(tiny_bundle)
+    weights = sum(c.weight_bytes for comp in manifest.components.values() for c in comp.chunks)
+    monkeypatch.setattr(execution, "available_memory", lambda: execution.RESIDENT_FACTOR * weights - 1)
+    with caplog.at_level("WARNING"):
+        assert execution.default_memory(manifest, "resident") == "stream"
+    assert "streaming the chunks instead" in caplog.text
+    assert execution.default_memory(manifest, "prefetch") == "prefetch"
+    assert Pipeline.from_bundle(tiny_bundle).memory == "stream"
+    assert Pipeline.from_bundle(tiny_bundle, memory="resident").memory == "resident"
+    monkeypatch.setattr(execution, "available_memory", lambda: execution.RESIDENT_FACTOR * weights)
+    assert execution.default_memory(manifest, "resident") == "resident"
+    monkeypatch.setattr(execution, "available_memory", lambda: None)  # unknown: the preset's
+    assert execution.default_memory(manifest, "resident") == "resident"
+
+
+def test_available_memory_is_read_on_this_machine():
+    available = execution.available_memory()
+    assert available is not None and 0 < available < 1 << 50

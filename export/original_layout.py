@@ -1,0 +1,201 @@
+"""Stable Diffusion 1.x's original key layout: one ``.safetensors`` file holding the whole model under the names of
+the CompVis/LDM code that trained it, as single-file checkpoints are shared.
+
+Three prefixes, one per sub-model: ``model.diffusion_model.`` (the UNet: ``input_blocks``, ``middle_block``,
+``output_blocks``), ``first_stage_model.`` (the VAE: ``encoder.down.N.block.M``, ``decoder.up.N`` numbered from the
+bottom, ``mid.attn_1`` with 1x1-conv ``q``/``k``/``v``/``proj_out``) and ``cond_stage_model.transformer.`` (the CLIP
+ViT-L text encoder, transformers' names under ``text_model.``). ``original_name`` maps each diffusers tensor name to
+its original one; the writer (``pocketsd random-model --single-file``) and the reader's architecture check
+(export/single_file.py) both use it, so the two cannot disagree. The round trip through diffusers' own single-file
+loader is exact (tests/export/test_single_file.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from pocketsd.errors import InternalError, ModelError, OutputError
+from pocketsd.export.model_loader import ModelFolder, open_model_folder, read_json, weight_layouts
+
+log = logging.getLogger(__name__)
+
+PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+            "text_encoder": "cond_stage_model.transformer."}
+# The text encoder's position ids: a buffer, not a weight, but original checkpoints carry it (int64, 1 x length)
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+SD1_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_VAE_TOP = {"conv_norm_out": "norm_out", "conv_in": "conv_in", "conv_out": "conv_out"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_BLOCK = re.compile(r"(?P<side>down|up)_blocks\.(?P<block>\d+)\.(?P<part>resnets|attentions|downsamplers|upsamplers)"
+                    r"\.(?P<index>\d+)\.(?P<rest>.+)")
+_VAE_BLOCK = re.compile(r"(?P<coder>encoder|decoder)\.(?P<side>down|up)_blocks\.(?P<block>\d+)\."
+                        r"(?P<part>resnets|downsamplers|upsamplers)\.(?P<index>\d+)\.(?P<rest>.+)")
+_VAE_MID = re.compile(r"(?P<coder>encoder|decoder)\.mid_block\.(?P<part>resnets|attentions)\.(?P<index>\d+)\."
+                      r"(?P<rest>.+)")
+
+
+def _resnet(rest: str) -> str:
+    layer, _, tail = rest.partition(".")
+    return f"{_RESNET[layer]}.{tail}"
+
+
+def _unet_name(name: str, config: dict[str, Any]) -> str:
+    """LDM numbers the UNet's blocks in one sequence per side: ``input_blocks.0`` is conv_in, then each level has
+    ``layers_per_block`` (resnet, attention) pairs and, but the last, one downsampler; ``output_blocks`` has one pair
+    more per level, the level's upsampler sitting after the pair's attention (``.2``) or its resnet (``.1``)."""
+    head, _, tail = name.rpartition(".")
+    if head in _UNET_TOP:
+        return f"{_UNET_TOP[head]}.{tail}"
+    layers = int(config["layers_per_block"])
+    if m := _BLOCK.fullmatch(name):
+        block, index, rest = int(m["block"]), int(m["index"]), m["rest"]
+        if m["side"] == "down":
+            first = 1 + block * (layers + 1)
+            return {"resnets": lambda: f"input_blocks.{first + index}.0.{_resnet(rest)}",
+                    "attentions": lambda: f"input_blocks.{first + index}.1.{rest}",
+                    "downsamplers": lambda: f"input_blocks.{first + layers}.0.op.{rest.removeprefix('conv.')}",
+                    }[m["part"]]()
+        first = block * (layers + 1)
+        upsampler_at = 2 if "CrossAttn" in config["up_block_types"][block] else 1
+        return {"resnets": lambda: f"output_blocks.{first + index}.0.{_resnet(rest)}",
+                "attentions": lambda: f"output_blocks.{first + index}.1.{rest}",
+                "upsamplers": lambda: f"output_blocks.{first + layers}.{upsampler_at}.{rest}"}[m["part"]]()
+    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", name):
+        part, index, rest = m.group(1), int(m.group(2)), m.group(3)
+        return f"middle_block.{2 * index}.{_resnet(rest)}" if part == "resnets" else f"middle_block.1.{rest}"
+    raise InternalError(f"no original-layout name for the UNet tensor {name}")
+
+
+def _vae_name(name: str, config: dict[str, Any]) -> str:
+    """The decoder's ``up.N`` counts from the lowest resolution's block upwards: diffusers' ``up_blocks.0`` is the
+    last one. ResNet shortcuts are ``nin_shortcut``, mid-block resnets ``block_1``/``block_2``."""
+    if m := _VAE_BLOCK.fullmatch(name):
+        block = int(m["block"]) if m["side"] == "down" else len(config["block_out_channels"]) - 1 - int(m["block"])
+        where = f"{m['coder']}.{m['side']}.{block}"
+        if m["part"] == "resnets":
+            return f"{where}.block.{m['index']}.{m['rest'].replace('conv_shortcut', 'nin_shortcut')}"
+        return f"{where}.{'downsample' if m['side'] == 'down' else 'upsample'}.{m['rest']}"
+    if m := _VAE_MID.fullmatch(name):
+        if m["part"] == "resnets":
+            return f"{m['coder']}.mid.block_{int(m['index']) + 1}.{m['rest']}"
+        layer, _, tail = m["rest"].rpartition(".")
+        return f"{m['coder']}.mid.attn_1.{_VAE_ATTENTION[layer]}.{tail}"
+    coder, _, rest = name.partition(".")
+    head, _, tail = rest.rpartition(".")
+    if coder in ("encoder", "decoder") and head in _VAE_TOP:
+        return f"{coder}.{_VAE_TOP[head]}.{tail}"
+    if name.split(".")[0] in ("quant_conv", "post_quant_conv"):
+        return name
+    raise InternalError(f"no original-layout name for the VAE tensor {name}")
+
+
+def original_name(sub: str, name: str, config: dict[str, Any]) -> str:
+    """The original-layout name of the diffusers tensor ``name`` of sub-model ``sub`` (with its ``config``)."""
+    if sub == "unet":
+        local = _unet_name(name, config)
+    elif sub == "vae":
+        local = _vae_name(name, config)
+    elif sub == "text_encoder":  # transformers ≥ 5.6 saves CLIPTextModel without its text_model. level
+        local = name if name.startswith("text_model.") else f"text_model.{name}"
+    else:
+        raise InternalError(f"no original layout for the sub-model {sub!r}")
+    return PREFIXES[sub] + local
+
+
+def original_shape(sub: str, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The VAE's mid-block attention projections are 1x1 convolutions in the original code, linear in diffusers."""
+    if sub == "vae" and ".mid_block.attentions." in name and name.endswith(".weight") and len(shape) == 2:
+        return (*shape, 1, 1)
+    return shape
+
+
+def sd1_layout_problem(unet: dict[str, Any], text_encoder: dict[str, Any], pipeline: str | None) -> str:
+    """Why a model does not have SD 1.x's original layout ("" when it has): SD 2.x's OpenCLIP text encoder (gelu) and
+    SDXL's added conditioning are stored under other names, which this module does not write."""
+    if pipeline not in SD1_PIPELINES:
+        return f"a {pipeline}, not an SD 1.x pipeline ({', '.join(SD1_PIPELINES)})"
+    if text_encoder.get("hidden_act") != "quick_gelu":
+        return (f"its text encoder is not CLIP ViT-L's kind (hidden_act {text_encoder.get('hidden_act')!r}, not "
+                "'quick_gelu'): an SD 2.x model, whose original layout is OpenCLIP's")
+    extra = [k for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim") if unet.get(k) is not None]
+    if extra:
+        return f"its UNet has {', '.join(extra)}, which SD 1.x's layout has no names for"
+    return ""
+
+
+def _weight_files(folder: ModelFolder, sub: str) -> list[Path]:
+    """The safetensors file(s) of one sub-model, as ``from_pretrained`` would pick them."""
+    layout = weight_layouts(folder.path / sub)[folder.variants.get(sub)]
+    if layout.endswith(".json"):
+        shards = sorted(set(read_json(folder.path / sub / layout)["weight_map"].values()))
+        return [folder.path / sub / shard for shard in shards]
+    return [folder.path / sub / layout]
+
+
+def _original_tensors(folder: ModelFolder) -> Iterator[tuple[str, Any]]:
+    """(original name, tensor) for every weight of the folder, with the position ids original files carry."""
+    import torch
+    from safetensors import safe_open
+
+    for sub in PREFIXES:
+        config = folder.config(sub)
+        for path in _weight_files(folder, sub):
+            with safe_open(str(path), framework="pt") as weights:
+                for name in weights.keys():
+                    tensor = weights.get_tensor(name)
+                    yield original_name(sub, name, config), tensor.reshape(original_shape(sub, name,
+                                                                                          tuple(tensor.shape)))
+    length = int(folder.config("text_encoder")["max_position_embeddings"])
+    yield POSITION_IDS, torch.arange(length, dtype=torch.int64).unsqueeze(0)
+
+
+def check_single_file_target(path: str | Path) -> Path:
+    """Refuse a target that is not a new ``.safetensors`` file in an existing folder (before anything is built)."""
+    target = Path(path)
+    if target.suffix != ".safetensors":
+        raise OutputError(f"--single-file {target}: the checkpoint must be a .safetensors file",
+                          "name it e.g. model.safetensors")
+    if target.exists() or not target.parent.is_dir():
+        raise OutputError(f"cannot write {target}: " + ("it already exists" if target.exists() else
+                          f"{target.parent} is not a folder"), "give a new file name in an existing folder")
+    return target
+
+
+def write_original_layout(model_dir: str | Path, target: str | Path) -> Path:
+    """Write the SD 1.x diffusers folder ``model_dir`` as one original-layout ``.safetensors`` file at ``target``,
+    completely or not at all (written beside it under a temporary name, then renamed)."""
+    from safetensors.torch import save_file
+
+    out = check_single_file_target(target)
+    folder = open_model_folder(model_dir)
+    problem = sd1_layout_problem(folder.config("unet"), folder.config("text_encoder"),
+                                 folder.model_index.get("_class_name"))
+    if problem:
+        raise ModelError(f"{folder.path} cannot be written in SD 1.x's original layout: {problem}",
+                         "only SD 1.x models have this layout (random-model --arch tiny, tiny-inpaint, sd15 or "
+                         "sd15-inpaint)", code="unsupported-model")
+    tensors = dict(_original_tensors(folder))
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        save_file(tensors, str(partial), metadata={"format": "pt"})
+        umask = os.umask(0)  # safetensors creates the file 0600; give it what a plain open() would
+        os.umask(umask)
+        partial.chmod(0o666 & ~umask)
+        partial.rename(out)
+    except BaseException as exc:
+        partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}", "free some disk space, or choose a "
+                              "writable folder") from None
+        raise
+    log.info("wrote %d tensors of %s in the original layout to %s", len(tensors), folder.path, out)
+    return out
