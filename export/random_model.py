@@ -8,9 +8,10 @@ of 9 input channels: latents, mask, masked image latents), ``tiny-inpaint`` its 
 SD-Turbo-style model at the tiny size (SD 2.x family, Euler with trailing timesteps: one to four steps, no
 guidance). ``sdxl`` is SDXL base 1.0 (two text encoders, CLIP ViT-L and OpenCLIP bigG with its projection; a
 UNet with added size and text conditioning; 1024²), ``sdxl-turbo`` the same model at 512² with SDXL-Turbo's
-scheduler (Euler ancestral, trailing timesteps), ``tiny-sdxl`` the family at the tiny size. A folder may add
-``pipeline.json``: its pipeline class and tokenizer pad tokens. ``sd15-lcm`` is an LCM-distilled SD 1.5 (LCM
-Dreamshaper's shape: a UNet that takes the guidance scale's embedding, the LCM scheduler), ``tiny-lcm`` its twin.
+scheduler (Euler ancestral, trailing timesteps), ``tiny-sdxl`` and ``tiny-sdxl-turbo`` both at the tiny size. A
+folder may add ``pipeline.json``: its pipeline class and tokenizer pad tokens. ``sd15-lcm`` is an LCM-distilled
+SD 1.5 (LCM Dreamshaper's shape: a UNet that takes the guidance scale's embedding, the LCM scheduler), ``tiny-lcm``
+its twin.
 All are deterministic (fixed seed) and written in the standard diffusers layout that the pipeline class's
 ``from_pretrained`` loads.
 """
@@ -29,7 +30,7 @@ from pocketsd.staging import staged_folder
 
 log = logging.getLogger(__name__)
 ARCHS = ("tiny", "sd15", "tiny-sd21", "sd21", "tiny-inpaint", "sd15-inpaint", "tiny-turbo", "tiny-sdxl", "sdxl",
-         "sdxl-turbo", "tiny-lcm", "sd15-lcm")
+         "sdxl-turbo", "tiny-sdxl-turbo", "tiny-lcm", "sd15-lcm")
 SEED = 0
 
 

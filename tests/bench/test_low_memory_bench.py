@@ -33,10 +33,11 @@ def test_low_memory_bench_refuses_a_comparison_of_unknown_runs(tiny_bundle: Path
 
 def test_all_presets_bench_exports_then_generates(tiny_model_dir: Path, tmp_path: Path):
     out = tmp_path / "results"
-    assert all_presets.main(["--model", str(tiny_model_dir), "--work", str(tmp_path / "b"), "--preset", "cpu",
-                             "--preset", "cpu-int8", "--steps", "1", "--out", str(out)]) == 0
+    # one preset keeps `make test` short; the bench runs every preset the same way (bench/all_presets.py)
+    assert all_presets.main(["--model", str(tiny_model_dir), "--work", str(tmp_path / "b"), "--preset", "cpu-int8",
+                             "--steps", "1", "--out", str(out)]) == 0
     rows = json.loads((out / "result.json").read_text())["rows"]
-    assert [r["preset"] for r in rows] == ["cpu", "cpu-int8"] and all(r["ok"] for r in rows)
+    assert [r["preset"] for r in rows] == ["cpu-int8"] and all(r["ok"] for r in rows)
     for row in rows:
         assert row["export"]["exit_code"] == 0 and row["generate"]["exit_code"] == 0
         assert row["generate"]["peak_rss_mb"] > 30 and (tmp_path / "b" / f"{row['preset']}.png").is_file()

@@ -113,7 +113,7 @@ def timed_exports(model: Path, root: Path) -> float:
 def test_sigkill_at_random_points_leaves_no_bundle_lookalike(tiny_model_dir: Path, tmp_path: Path):
     duration = timed_exports(tiny_model_dir, tmp_path)
     rng = random.Random(SEED)
-    # stratified: one kill in each twentieth of the export's duration, at a random point within it
+    # stratified: one kill in each KILLS-th of the export's duration, at a random point within it
     delays = [duration * (i + rng.random()) / KILLS for i in range(KILLS)]
     rng.shuffle(delays)
     results: list = []

@@ -163,3 +163,33 @@ def test_sdxl_img2img_matches_diffusers(xl_reference, xl_runtime: Pipeline):
     expected = img2img(PROMPT, generator=torch.Generator().manual_seed(3), output_type="np", **kwargs).images[0]
     actual = xl_runtime(PROMPT, generator=TorchNoise(3), output_type="np", **kwargs)
     assert compare(expected, actual).psnr_db >= TOL["pipeline_min_psnr_db"]
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sdxl_turbo_configuration_matches_diffusers(xl_exported, xl_reference, tmp_path: Path, steps: int):
+    """SDXL-Turbo is SDXL's architecture with Euler ancestral on trailing timesteps, 1-4 steps, guidance off: the
+    tiny-sdxl bundle with ``tiny-sdxl-turbo``'s scheduler config (what its export writes in the manifest)."""
+    import json
+    import shutil
+
+    from pocketsd.export.random_model import builtin_configs
+
+    turbo = builtin_configs("tiny-sdxl-turbo").scheduler
+    bundle = tmp_path / "turbo"
+    shutil.copytree(xl_exported[1], bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["scheduler"] = {"class_name": turbo["_class_name"], "config": turbo}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    runtime = Pipeline.from_bundle(bundle)
+    assert runtime.default_scheduler == "euler_a"
+    config = dict(xl_reference.scheduler.config)
+    xl_reference.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(turbo)
+    try:
+        latents = _latents(runtime)
+        expected = xl_reference(PROMPT, num_inference_steps=steps, guidance_scale=0.0, latents=latents.clone(),
+                                generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+    finally:
+        xl_reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(config)
+    actual = runtime(PROMPT, num_inference_steps=steps, guidance_scale=0.0, latents=latents.numpy(),
+                     generator=TorchNoise(4), output_type="np")
+    assert compare(expected, actual).psnr_db >= TOL["pipeline_min_psnr_db"]

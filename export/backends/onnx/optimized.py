@@ -25,7 +25,8 @@ import onnx
 OPTIMIZED_LEVEL = "extended"
 OPTIMIZED_SUFFIX = ".optimized.onnx"
 _ALIGN = 4096  # tensors start on page boundaries in the new data file, as onnxruntime's memory-mapping prefers
-_INLINE_MAX = 64 * 1024  # new tensors up to this size are stored in the graph itself (_point_back)
+_INLINE_MAX = 64 * 1024  # new integer tensors up to this size are stored in the graph itself (_point_back)
+_SHAPE_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
 def optimized_path(chunk_path: Path) -> Path:
@@ -130,11 +131,11 @@ def _point_back(model: onnx.ModelProto, folder: Path, originals: dict[bytes, dic
                 continue
             data = files.read(_external(tensor))
             target = originals.get(_digest(data))
-            if target is None and len(data) <= _INLINE_MAX:
-                # A small tensor the optimizer made goes inline: onnxruntime writes any over 1 KiB to the data file,
-                # then cannot load the graph it saved when one is a shape input (the split sizes of a Split from
-                # GatherSliceToSplitFusion: "Cannot parse data from external tensors"), as SD 2.1's sliced attention
-                # at 768² makes (over 128 slices).
+            if target is None and tensor.data_type in _SHAPE_TYPES and len(data) <= _INLINE_MAX:
+                # An integer tensor the optimizer made goes inline: onnxruntime writes any over 1 KiB to the data
+                # file, then cannot load the graph it saved when one is a shape input (the split sizes of a Split
+                # from GatherSliceToSplitFusion: "Cannot parse data from external tensors"), as SD 2.1's sliced
+                # attention at 768² makes (over 128 slices).
                 del tensor.external_data[:]
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 tensor.raw_data = bytes(data)
