@@ -39,7 +39,7 @@ demo: install
 TEST_WORKERS ?= 2
 test: install
 	$(VENV)/bin/ruff check pocketsd export runtime apple bench tests
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 # pocketsd against its peers on the full SD 1.5 architecture (random weights: speed, memory and size are real),
 # 256² and 512²; about an hour on 2 cores, ~20 GB of bundles under results/bench/work. BENCH_MODEL=your/folder to

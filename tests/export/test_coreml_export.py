@@ -33,7 +33,7 @@ def test_coreml_chunks_have_the_onnx_boundaries_and_names(tiny_model_dir: Path, 
     preset = preset_file(tmp_path, "backend: coreml\nprecision: fp32\nunet_batch: 2\ncomponents: [text_encoder, unet]\n"
                                    "split:\n  unet: {n_chunks: 4}\ncoreml: {deployment_target: iOS17}\n")
     coreml = load_manifest(export_bundle(ExportRequest(str(tiny_model_dir), load_preset(str(preset)),
-                                                       tmp_path / "coreml", progress=False)))
+                                                       tmp_path / "coreml", progress=False, warm_cache=False)))
     onnx = load_manifest(tiny_bundle)
     for cid in ("text_encoder", "unet"):
         component = onnx.component(cid)
@@ -79,7 +79,7 @@ def test_compression_happens_before_the_cut(tiny_model_dir: Path, tmp_path: Path
         "coreml:\n  deployment_target: iOS17\n  compression:\n    unet:\n"
         "      global: {mode: palettize, nbits: 2}\n      op_type: {Conv2d: null}\n"))
     bundle = export_bundle(ExportRequest(str(tiny_model_dir), load_preset(str(preset)), tmp_path / "b",
-                                         progress=False))
+                                         progress=False, warm_cache=False))
     manifest = load_manifest(bundle)
     unet = manifest.component("unet")
     stored = [c.weight_bytes for c in unet.chunks]

@@ -168,5 +168,5 @@ def test_the_model_is_released_before_its_chunks_run(tiny_model_dir: Path, tmp_p
     preset = tmp_path / "preset.yaml"
     preset.write_text("backend: onnx\ncomponents: [text_encoder, unet]\nsplit:\n  unet: {n_chunks: 2}\n")
     out = exporter.export_bundle(exporter.ExportRequest(str(tiny_model_dir), load_preset(str(preset)),
-                                                        tmp_path / "bundle", progress=False))
+                                                        tmp_path / "bundle", progress=False, warm_cache=False))
     assert os.path.isfile(out / "manifest.json") and set(loaded) == {"text_encoder", "unet"}

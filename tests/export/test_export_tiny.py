@@ -86,7 +86,7 @@ def test_another_architecture_exports_and_chains(tmp_path: Path):
         scheduler=base.scheduler, arch="other")
     model = write_random_model(tmp_path / "other", configs)
     preset = with_overrides(load_preset("cpu"), {"unet": 3, "text_encoder": 2})
-    bundle = export_bundle(ExportRequest(str(model), preset, tmp_path / "bundle", progress=False))
+    bundle = export_bundle(ExportRequest(str(model), preset, tmp_path / "bundle", progress=False, warm_cache=False))
     manifest = load_manifest(bundle)
     assert len(manifest.component("unet").chunks) == 3 and len(manifest.component("text_encoder").chunks) == 2
     assert manifest.dims["height"] == 32 and manifest.dims["text_hidden"] == 48
@@ -101,7 +101,7 @@ def test_external_data_chunks_load_and_are_hash_checked(tiny_model_dir: Path, tm
 
     preset = with_overrides(load_preset("cpu"), {"unet": 2})
     preset = type(preset)(**{**vars(preset), "components": ("unet",)})
-    bundle = export_bundle(ExportRequest(str(tiny_model_dir), preset, tmp_path / "b", progress=False))
+    bundle = export_bundle(ExportRequest(str(tiny_model_dir), preset, tmp_path / "b", progress=False, warm_cache=False))
     chunk = load_manifest(bundle).component("unet").chunks[0]
     # small initializers stay inline in the .onnx; the weights go to the .data file
     assert chunk.data_files and (bundle / chunk.data_files[0].path).stat().st_size >= 0.9 * chunk.weight_bytes

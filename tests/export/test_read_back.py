@@ -26,7 +26,7 @@ TEXT_CUT = {"name": "text-cut", "backend": "onnx", "components": ["text_encoder"
 
 def test_a_bool_mask_crossing_a_text_encoder_cut_reads_back_and_generates(tiny_model_dir: Path, tmp_path: Path):
     out = export_bundle(ExportRequest(str(tiny_model_dir), preset_from_dict(TEXT_CUT, "test"), tmp_path / "b",
-                                      progress=False))
+                                      progress=False, warm_cache=False))
     chunks = load_manifest(out).component("text_encoder").chunks
     crossing = {t.dtype for t in chunks[1].inputs}
     assert "bool" in crossing, "the cut after encoder.layers.0 should carry the causal mask"
@@ -46,5 +46,6 @@ def test_a_bundle_the_runtime_refuses_is_never_renamed_into_place(tiny_model_dir
     monkeypatch.setattr(Manifest, "to_dict", corrupt)
     out = tmp_path / "refused"
     with pytest.raises(InternalError, match="runtime refuses the bundle"):
-        export_bundle(ExportRequest(str(tiny_model_dir), preset_from_dict(TEXT_CUT, "test"), out, progress=False))
+        export_bundle(ExportRequest(str(tiny_model_dir), preset_from_dict(TEXT_CUT, "test"), out, progress=False,
+                                    warm_cache=False))
     assert not out.exists() and list(tmp_path.iterdir()) == []

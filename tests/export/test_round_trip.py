@@ -49,7 +49,8 @@ def test_a_failing_chunk_is_named_and_the_bundle_never_renamed(tiny_model_dir: P
     monkeypatch.setattr(Pipeline, "unet", broken)
     out = tmp_path / "b"
     with pytest.raises(InternalError, match=r"cannot generate: one step \(text encoder → UNet .*RUNTIME_EXCEPTION"):
-        export_bundle(ExportRequest(str(tiny_model_dir), preset_from_dict(TXT2IMG, "test"), out, progress=False))
+        export_bundle(ExportRequest(str(tiny_model_dir), preset_from_dict(TXT2IMG, "test"), out, progress=False,
+                                    warm_cache=False))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -83,7 +84,8 @@ def test_a_scheduler_config_the_samplers_cannot_run_is_refused_at_export(tiny_mo
     config[key] = value
     config_path.write_text(json.dumps(config))
     with pytest.raises(ModelError, match=f"scheduler_config.json: .*{named}"):
-        export_bundle(ExportRequest(str(model), preset_from_dict(TXT2IMG, "test"), tmp_path / "a", progress=False))
+        export_bundle(ExportRequest(str(model), preset_from_dict(TXT2IMG, "test"), tmp_path / "a", progress=False,
+                                    warm_cache=False))
     assert main(["export", "--model", str(model), "--preset", "cpu", "--out", str(tmp_path / "b"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error[model]:") and named in err

@@ -75,7 +75,8 @@ def preset_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiled_bundle(tiny_model_dir: Path, preset_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny-tiled"
-    return export_bundle(ExportRequest(str(tiny_model_dir), load_preset(str(preset_file)), out, progress=False))
+    return export_bundle(ExportRequest(str(tiny_model_dir), load_preset(str(preset_file)), out, progress=False,
+                                       warm_cache=False))
 
 
 def export_vae_only(text: str, model: Path, tmp: pytest.TempPathFactory) -> Path:
@@ -84,7 +85,7 @@ def export_vae_only(text: str, model: Path, tmp: pytest.TempPathFactory) -> Path
     path = tmp.mktemp("presets") / f"{name}.yaml"
     path.write_text(text)
     return export_bundle(ExportRequest(str(model), load_preset(str(path)), tmp.mktemp("bundles") / name,
-                                       progress=False))
+                                       progress=False, warm_cache=False))
 
 
 @pytest.fixture(scope="module")

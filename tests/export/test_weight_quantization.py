@@ -57,7 +57,8 @@ def _builtin_without_other_features(name: str, path: Path, **changes) -> Path:
 def int8_bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("int8")
     preset = load_preset(str(_builtin_without_other_features("cpu-int8", folder / "cpu-int8.yaml")))
-    return export_bundle(ExportRequest(str(tiny_model_dir), preset, folder / "bundle", progress=False))
+    return export_bundle(ExportRequest(str(tiny_model_dir), preset, folder / "bundle", progress=False,
+                                       warm_cache=False))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def int4_bundle(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     file = _builtin_without_other_features("cpu-int4", folder / "cpu-int4.yaml", quantize={
         "default": {"weights": "int8"}, "unet": {"weights": "int4", "block_size": 16}})
     return export_bundle(ExportRequest(str(tiny_model_dir), load_preset(str(file)), folder / "bundle",
-                                       progress=False))
+                                       progress=False, warm_cache=False))
 
 
 @pytest.fixture(params=["int8", "int4"])

@@ -109,7 +109,7 @@ def test_two_batch_1_unet_calls_equal_one_batch_2_call(tiny_model_dir: Path, run
     preset = load_preset("cpu")
     preset = type(preset)(**{**vars(preset), "unet_batch": 1, "components": ("text_encoder", "unet", "vae_decoder")})
     single = Pipeline.from_bundle(export_bundle(ExportRequest(str(tiny_model_dir), preset, tmp_path / "b1",
-                                                              progress=False)))
+                                                              progress=False, warm_cache=False)))
     assert single.manifest.dims["unet_batch"] == 1
     kwargs = dict(negative_prompt=NEGATIVE, num_inference_steps=5, scheduler="euler", seed=3, output_type="np")
     assert compare(runtime(PROMPT, **kwargs), single(PROMPT, **kwargs)).psnr_db >= TOL["pipeline_min_psnr_db"]
