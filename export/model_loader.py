@@ -42,7 +42,7 @@ class ModelFolder:
     @property
     def family(self) -> str:
         """``sdxl`` for a model with SDXL's two text encoders and added conditioning, else ``sd`` (SD 1.x / 2.x)."""
-        return "sdxl" if "XL" in str(self.model_index.get("_class_name")) else "sd"
+        return family_of(self.model_index.get("_class_name"))
 
     @property
     def tokenizers(self) -> tuple[str, ...]:
@@ -52,6 +52,11 @@ class ModelFolder:
     def tokenizer_files(self, subfolder: str = "tokenizer") -> dict[str, Path]:
         folder = self.path / subfolder
         return {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
+
+
+def family_of(pipeline_class: Any) -> str:
+    """``sdxl`` for diffusers' SDXL pipeline classes (two text encoders, added conditioning), else ``sd``."""
+    return "sdxl" if "XL" in str(pipeline_class) else "sd"
 
 
 def open_model_folder(path: str | Path, variant: str | None = None) -> ModelFolder:
@@ -70,7 +75,7 @@ def open_model_folder(path: str | Path, variant: str | None = None) -> ModelFold
                          f"supported: {', '.join(SUPPORTED_PIPELINES)}", code="unsupported-model")
     if variant is not None and not _VARIANT_NAME.fullmatch(variant):
         raise ModelError(f"--variant {variant!r} is not a weights variant name", "use e.g. --variant fp16")
-    sdxl = "XL" in kind
+    sdxl = family_of(kind) == "sdxl"
     first = index.get("text_encoder")
     if sdxl and not (isinstance(first, list) and first and first[0]):
         raise ModelError(f"{root} has no first text encoder (an SDXL refiner?): pocketsd exports text-to-image "

@@ -9,6 +9,8 @@ pipeline. The second encoder follows the first's preset settings (split, quantiz
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from pocketsd.contract import TEXT_ENCODER_IO as TEXT_IO
@@ -19,24 +21,18 @@ from pocketsd.export.components.unet import SPEC as SD_UNET
 TIME_IDS = 6  # original (height, width), crop (top, left), target (height, width)
 
 
-class FirstTextEncoderWrapper(torch.nn.Module):
-    def __init__(self, text_encoder: torch.nn.Module) -> None:
+class PenultimateTextEncoderWrapper(torch.nn.Module):
+    """Either SDXL text encoder: its penultimate layer's states and ``pooled``, the pooled field of its output
+    (``pooler_output`` for CLIPTextModel, ``text_embeds``, the projection, for CLIPTextModelWithProjection)."""
+
+    def __init__(self, text_encoder: torch.nn.Module, pooled: str) -> None:
         super().__init__()
         setattr(self, WRAPPED, text_encoder)
+        self.pooled = pooled
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = getattr(self, WRAPPED)(input_ids.long(), output_hidden_states=True, return_dict=True)
-        return out.hidden_states[-2], out.pooler_output
-
-
-class SecondTextEncoderWrapper(torch.nn.Module):
-    def __init__(self, text_encoder: torch.nn.Module) -> None:
-        super().__init__()
-        setattr(self, WRAPPED, text_encoder)
-
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = getattr(self, WRAPPED)(input_ids.long(), output_hidden_states=True, return_dict=True)
-        return out.hidden_states[-2], out.text_embeds
+        return out.hidden_states[-2], getattr(out, self.pooled)
 
 
 class UNetXLWrapper(torch.nn.Module):
@@ -63,7 +59,7 @@ TEXT_ENCODER = ComponentSpec(
         IOSpec(TEXT_IO.hidden_embeds, "float32", ("batch", "text_length", "text_hidden_1")),
         IOSpec(TEXT_IO.pooled_outputs, "float32", ("batch", "text_hidden_1")),
     ),
-    make_wrapper=FirstTextEncoderWrapper,
+    make_wrapper=partial(PenultimateTextEncoderWrapper, pooled="pooler_output"),
 )
 
 TEXT_ENCODER_2 = ComponentSpec(
@@ -74,7 +70,7 @@ TEXT_ENCODER_2 = ComponentSpec(
         IOSpec(TEXT_IO.hidden_embeds, "float32", ("batch", "text_length", "text_hidden_2")),
         IOSpec(TEXT_IO.pooled_outputs, "float32", ("batch", "pooled_dim")),
     ),
-    make_wrapper=SecondTextEncoderWrapper,
+    make_wrapper=partial(PenultimateTextEncoderWrapper, pooled="text_embeds"),
     settings_from="text_encoder",
 )
 

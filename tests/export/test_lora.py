@@ -87,15 +87,21 @@ def lora_file(tiny_model_dir: Path, tmp_path_factory) -> Path:
     return make_lora(tiny_model_dir, tmp_path_factory.mktemp("lora"))
 
 
-@pytest.fixture(scope="module")
-def expected(tiny_model_dir: Path, lora_file: Path) -> np.ndarray:
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
-    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+def fused_reference(model_dir: Path, lora_file: Path, scheduler: str):
+    """diffusers' pipeline with the LoRA fused at SCALE (UNet by diffusers, text encoder by hand) and ``scheduler``."""
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(lora_file))
     diffusers.StableDiffusionPipeline.load_lora_into_unet(state, alphas, pipe.unet)
     pipe.unet.fuse_lora(lora_scale=SCALE)
     fuse_by_hand(pipe.text_encoder, lora_file, SCALE)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir: Path, lora_file: Path) -> np.ndarray:
+    pipe = fused_reference(tiny_model_dir, lora_file, "EulerDiscreteScheduler")
     return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.0,
                 latents=latents(), output_type="np").images[0]
 
@@ -103,13 +109,7 @@ def expected(tiny_model_dir: Path, lora_file: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def expected_lcm(tiny_model_dir: Path, lora_file: Path) -> np.ndarray:
     """An LCM-LoRA's use: the LoRA fused, the LCM scheduler, 4 steps, guidance off (as diffusers documents it)."""
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
-    pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(lora_file))
-    diffusers.StableDiffusionPipeline.load_lora_into_unet(state, alphas, pipe.unet)
-    pipe.unet.fuse_lora(lora_scale=SCALE)
-    fuse_by_hand(pipe.text_encoder, lora_file, SCALE)
+    pipe = fused_reference(tiny_model_dir, lora_file, "LCMScheduler")
     return pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0, latents=latents(),
                 generator=torch.Generator().manual_seed(3), output_type="np").images[0]
 
