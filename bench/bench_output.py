@@ -57,6 +57,17 @@ def _reference(size: dict[str, Any]) -> str:
     return next((r["vs_reference"]["reference"] for r in size["rows"] if r.get("vs_reference")), "reference")
 
 
+def _peer_line(best: str, ours: dict[str, Any], name: str, row: dict[str, Any]) -> str:
+    """The peer's median call over the fastest pocketsd contender's, from the calls that interleaved with its own (a
+    pace worker beside it: race.py) when there were any."""
+    pace = row.get("vs_fastest")
+    if pace and pace.get("interleaved") and pace.get("contender") == best:
+        return (f"- {best} vs {name}: **{pace['ratio']:.2f}×** faster (interleaved: {pace['pocketsd_median_s']:.3f} s "
+                f"beside its {pace['peer_median_s']:.3f} s)")
+    return (f"- {best} vs {name}: **{_median(row) / _median(ours):.2f}×** faster (not interleaved: it ran in another "
+            "group)")
+
+
 def _ratios(size: dict[str, Any]) -> list[str]:
     """The ratios the issue asks for: pocketsd's fastest engine against every peer, chunked against unchunked."""
     rows = {r["contender"]: r for r in size["rows"] if _median(r)}
@@ -67,12 +78,13 @@ def _ratios(size: dict[str, Any]) -> list[str]:
     lines = [f"- fastest pocketsd: **{best}** ({_median(ours[best]):.3f} s per UNet call)"]
     for name, row in rows.items():
         if row["kind"] != POCKETSD:
-            lines.append(f"- {best} vs {name}: **{_median(row) / _median(ours[best]):.2f}×** faster")
+            lines.append(_peer_line(best, ours[best], name, row))
     for name, row in ours.items():
         whole = rows.get(f"{name}-1chunk")
         if whole and not name.endswith("-1chunk"):
+            apart = "" if row.get("group") == whole.get("group") else " (not interleaved: they ran in different groups)"
             lines.append(f"- chunked ({row.get('unet_chunks')} UNet chunks) vs unchunked, {row['engine']}: "
-                         f"**{_median(row) / _median(whole):.3f}×** the unchunked time")
+                         f"**{_median(row) / _median(whole):.3f}×** the unchunked time{apart}")
     for name, row in ours.items():
         if row.get("generate_s") and row.get("cold_load_s"):
             share = 100 * row["cold_load_s"] / row["generate_s"]

@@ -3,11 +3,12 @@
 For each resolution: the bundles are exported from the model (a child process each: wall time, peak RSS); every
 contender (contenders.py) is started in its own worker process, loaded twice (cold: the first load in a fresh
 process; warm: a reload in the same process), warmed up, and then the UNet calls of all contenders that fit in memory
-together are interleaved — A B C A B C … — so that a drifting machine slows them alike. Contenders that do not fit
-beside the others (MemAvailable) run in the next group, and the result says which group each was in. End-to-end
-generation runs each contender alone in a fresh process, whose peak RSS (VmHWM) is the configuration's; pocketsd on
-onnxruntime also loads alone in one with an empty cache folder (a bundle copied to a new machine). The UNet's
-FLOPs are counted from its graph, and a large fp32 MatMul gives the machine's ceiling in the same run.
+together are interleaved — A B C A B C … — so that a drifting machine slows them alike: pocketsd's contenders first,
+then the peers, each group of peers beside a fresh worker of the fastest pocketsd contender (race.py says why). The
+result says which group each was in. End-to-end generation runs each contender alone in a fresh process, whose
+peak RSS (VmHWM) is the configuration's; pocketsd on onnxruntime also loads alone in one with an empty cache folder
+(a bundle copied to a new machine). The UNet's FLOPs are counted from its graph, and a large fp32 MatMul gives the
+machine's ceiling in the same run.
 
 A contender that is not installed is reported as skipped with the reason; one that fails mid-run is reported with
 its one-line error, and the others finish.
@@ -22,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pocketsd.bench.admission import admission_units, fits_unit_now
 from pocketsd.bench.all_presets import run_child
 from pocketsd.bench.contenders import Contender, skip_reason, worker_command
 from pocketsd.bench.flops import component_flops, matmul_ceiling
 from pocketsd.bench.low_memory import component_disk_bytes
 from pocketsd.bench.machine import machine_info
+from pocketsd.bench.race import output_path, race
 from pocketsd.bench.worker_client import WorkerError, WorkerProcess
 from pocketsd.bench.worker_protocol import PROMPT
 from pocketsd.contract import UNET_IO
@@ -134,26 +135,6 @@ def _spec(request: BenchRequest, contender: Contender, model: str, size: int,
     return spec
 
 
-def _start(request: BenchRequest, row: Row, spec: dict, size: int, tick: Tick) -> WorkerProcess | None:
-    """Start a contender's worker, load it twice and warm it up; None (with ``row.error``) if that failed."""
-    name = row.contender.name
-    worker = WorkerProcess(name, worker_command(row.contender, json.dumps(spec), request.optimum_python),
-                           request.work / "logs" / f"{name}-{size}.log")
-    try:
-        info = worker.request("info")
-        row.figures.update(describe=info.get("describe"), versions=info.get("versions"))
-        row.figures["cold_load_s"] = worker.request("load")["seconds"]
-        row.figures["warm_load_s"] = worker.request("load")["seconds"]
-        for _ in range(request.warmup):
-            worker.request("call")
-        tick(f"{name} loaded")
-        return worker
-    except WorkerError as exc:
-        row.error = str(exc)
-        worker.close()
-        return None
-
-
 def _optimum_export(request: BenchRequest, contender: Contender, spec: dict[str, Any], tick: Tick) -> dict[str, Any]:
     """optimum's own export of the model, in a worker of its own (its peak RSS is the export's), once per run."""
     with WorkerProcess(contender.name, worker_command(contender, json.dumps(spec), request.optimum_python),
@@ -171,68 +152,12 @@ def _optimum_export(request: BenchRequest, contender: Contender, spec: dict[str,
     return info
 
 
-def _race(request: BenchRequest, rows: list[Row], specs: dict[str, dict], size: int, tick: Tick,
-          keep_outputs: bool = True) -> None:
-    """Groups of contenders that fit in memory together; in each, the calls interleaved (with ``keep_outputs``, each
-    one's first output saved for ``_agreement``)."""
-    runnable = [r for r in rows if not r.skipped and not r.error]
-    waiting = [[runnable[i] for i in unit] for unit in admission_units([r.contender.name for r in runnable])]
-    group, largest = 0, 0.0
-    while waiting:
-        group += 1
-        live: list[tuple[Row, WorkerProcess]] = []
-        peaks: list[float] = []
-        while waiting and fits_unit_now(peaks, largest, len(waiting[0])):
-            row, *twin = waiting.pop(0)
-            if twin:  # next, checked against the real peaks (if it no longer fits, it leads the next group)
-                waiting.insert(0, twin)
-            row.group = group
-            worker = _start(request, row, specs[row.contender.name], size, tick)
-            if worker is not None:
-                live.append((row, worker))
-                try:
-                    peak = worker.request("stats")["peak_rss_mb"]
-                except WorkerError as exc:
-                    row.error = str(exc)
-                else:
-                    row.figures["peak_rss_admitted_mb"] = peak  # what admission saw (admission.py's GROWTH)
-                    peaks.append(peak * 1e6)
-                    largest = max(largest, peak * 1e6)
-        for i in range(request.calls):
-            for row, worker in live:
-                if row.error:
-                    continue
-                save = _output_path(request, row, size) if i == 0 and keep_outputs else None
-                if save:
-                    save.parent.mkdir(parents=True, exist_ok=True)
-                    save.unlink(missing_ok=True)  # never compare a stale output from an earlier run
-                try:
-                    answer = worker.request("call", **({"save": str(save)} if save else {}))
-                except WorkerError as exc:
-                    row.error = str(exc)
-                    continue
-                row.call_s.append(answer["seconds"])
-                for chunk in answer.get("chunks", []):
-                    row.chunk_s.setdefault(chunk["id"], []).append(chunk["seconds"])
-                tick(f"{row.contender.name} call")
-        for row, worker in live:
-            try:
-                row.figures["peak_rss_calls_mb"] = worker.request("stats")["peak_rss_mb"]
-            except WorkerError as exc:
-                row.error = row.error or str(exc)
-            worker.close()
-
-
-def _output_path(request: BenchRequest, row: Row, size: int) -> Path:
-    return request.work / "outputs" / f"{row.contender.name}-{size}.npy"
-
-
 def _agreement(request: BenchRequest, rows: list[Row], size: int) -> None:
     """Each contender's noise prediction (its first timed call, same inputs) against diffusers on PyTorch (else the
     first contender that produced one): the proof that every contender computed the same model, and how closely."""
     import numpy as np
 
-    paths = {r.contender.name: _output_path(request, r, size) for r in rows if not r.error}
+    paths = {r.contender.name: output_path(request, r, size) for r in rows if not r.error}
     outputs = {name: np.load(path) for name, path in paths.items() if path.is_file()}
     reference = "diffusers-torch" if "diffusers-torch" in outputs else next(iter(outputs), None)
     if reference is None:
@@ -305,7 +230,7 @@ def one_resolution(request: BenchRequest, model: str, size: int, tick: Tick) -> 
     for row in (r for r in rows if r.contender.uses == "optimum" and not r.skipped):
         bundles["optimum"] = _optimum_export(request, row.contender, specs[row.contender.name], tick)
         row.error = bundles["optimum"].get("error")
-    _race(request, rows, specs, size, tick)
+    race(request, rows, specs, size, tick)
     _agreement(request, rows, size)
     for row in (r for r in rows if not r.skipped and not r.error):  # each alone, after the interleaved calls
         if request.steps > 0 and row.contender.generates:
@@ -345,7 +270,7 @@ def batch_one(request: BenchRequest, model: str, size: int, tick: Tick) -> dict[
     for row in rows:
         row.figures.update(unet_chunks=bundles["chunked"]["unet_chunks"])
     ceilings = _ceilings_now(request, rows, tick)  # just before and just after the calls: the box may drift
-    _race(request, rows, specs, size, tick, keep_outputs=False)
+    race(request, rows, specs, size, tick, keep_outputs=False)
     for engine, ceiling in _ceilings_now(request, rows, tick).items():
         ceilings[engine] += ceiling
     flops = component_flops(Path(bundles["chunked"]["path"]), "unet")
@@ -388,6 +313,8 @@ def run_bench(request: BenchRequest, tick: Tick) -> dict[str, Any]:
 
 def ticks_expected(request: BenchRequest) -> int:
     per_size = 2 + len(request.contenders) * (1 + request.calls + (1 if request.steps else 0))
+    if any(c.kind == "pocketsd" for c in request.contenders):  # at most one pace worker per peer (race.py)
+        per_size += sum(c.kind != "pocketsd" for c in request.contenders) * (1 + request.calls)
     per_size += sum(_loads_without_cache(c) for c in request.contenders)
     contenders = _batch_one_contenders(request)
     ceilings = 2 * (1 + any("bf16" in c.engine for c in contenders))

@@ -9,19 +9,48 @@ import pytest
 # Session fixtures whose files `make test` keeps on one pytest-xdist worker (--dist loadgroup), so that each is
 # built once, not once per worker: the CoreML conversion of the tiny model takes about a minute.
 SHARED_ON_ONE_WORKER = ("tiny_iphone_bundle",)
+# Groups started before all others, longest first: xdist starts the groups with the most tests first, which would
+# leave these (long, with few tests) for the end, one worker busy with them while the other idles. Seconds: roughly,
+# from `make test` on 2 cores.
+START_FIRST = (
+    "shared-fixtures",  # ~300: the iphone bundle and the other CoreML exports
+    "tests/bench/test_bench_command.py",  # ~230
+    "tests/export/test_export_kill.py",  # ~120, one test
+    "tests/export/test_export_tiny.py",  # ~110
+    "tests/export/test_lora.py",  # ~90
+    "tests/bench/test_low_memory_bench.py",  # ~60
+    "tests/apple/test_sdxl_resources.py",  # ~55
+)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Each test file is one xdist group (its module fixtures are built once), except that the files using a fixture
-    of ``SHARED_ON_ONE_WORKER`` form one group together. Without xdist the marks do nothing."""
-    by_file: dict[str, str] = {}
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        if any(name in getattr(item, "fixturenames", ()) for name in SHARED_ON_ONE_WORKER):
-            by_file[path] = "shared-fixtures"
-        by_file.setdefault(path, path)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(by_file[item.nodeid.split("::")[0]]))
+def xdist_group(path: str, tests: Path = Path(__file__).parent) -> str:
+    """The group of the test file ``path`` (relative to the rootdir, as in node ids): the file itself (its module
+    fixtures are built once), or ``shared-fixtures`` for every file that names a fixture of SHARED_ON_ONE_WORKER."""
+    text = (tests.parent / path).read_text(encoding="utf-8") if path.endswith(".py") else ""
+    return "shared-fixtures" if any(name in text for name in SHARED_ON_ONE_WORKER) else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """``--dist loadgroup`` by xdist_group(): xdist 3.8 puts a test's group into its node id (``item._nodeid``), which
+    pytest 9 no longer reads, so every test would be a group of its own and each worker would build every module
+    fixture. Groups are handed out most tests first, as xdist does, after those of START_FIRST."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from functools import cache
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        _split_scope = staticmethod(cache(lambda nodeid: xdist_group(nodeid.split("::")[0])))
+
+        def _assign_work_unit(self, node: object) -> None:
+            for group in reversed(START_FIRST):
+                if group in self.workqueue:
+                    self.workqueue.move_to_end(group, last=False)
+            super()._assign_work_unit(node)
+
+    return ByGroup(config, log)
 
 
 # Tolerances in one table (see README "Tests"). Never widened by a default.

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pocketsd.bench import side_by_side
+from pocketsd.bench import race, side_by_side
 from pocketsd.bench.bench_output import markdown, write_results
 from pocketsd.bench.contenders import CONTENDERS, by_names, skip_reason
 from pocketsd.bench.side_by_side import BenchRequest, run_bench
@@ -88,8 +88,10 @@ def test_bench_measures_contenders_interleaved(tiny_model_dir: Path, tiny_bundle
     assert result["resolutions"][0]["unet_gflop_per_call"] > 0 and len(result["matmul_ceiling"]) == 2
     assert result["machine"]["logical_cores"] >= 1 and "onnxruntime" in result["machine"]["versions"]
     calls = [name for name, op in recorded if op == "call"]
-    # one warm-up each as it starts, then the timed calls alternate A B A B A B
-    assert calls[2:] == ["pocketsd-onnxruntime", "diffusers-torch"] * 3
+    # pocketsd alone (a warm-up, 3 calls), then the peer beside a pace worker of pocketsd: a warm-up each as it
+    # starts, then the timed calls alternate A B A B A B (race.py)
+    assert calls == ["pocketsd-onnxruntime"] * 5 + ["diffusers-torch"] + ["pocketsd-onnxruntime", "diffusers-torch"] * 3
+    assert torch_row["vs_fastest"]["interleaved"] and len(torch_row["vs_fastest"]["pocketsd_call_s"]) == 3
     assert ticks and ticks[-1] == "matmul ceiling"
 
     out = tmp_path / "out"
@@ -97,6 +99,7 @@ def test_bench_measures_contenders_interleaved(tiny_model_dir: Path, tiny_bundle
     assert json.loads((out / "result.json").read_text())["contenders"] == ["pocketsd-onnxruntime", "diffusers-torch"]
     table = (out / "result.md").read_text()
     assert "| pocketsd-onnxruntime | 4 |" in table and "pocketsd-onnxruntime vs diffusers-torch" in table
+    assert "faster (interleaved: " in table
     (cold,) = [line for line in table.splitlines() if "cold start" in line]
     assert cold.startswith("- pocketsd-onnxruntime: cold start") and ", first load on a machine without its cache " \
         f"{ours['first_load_no_cache_s']:.2f} s" in cold
@@ -134,14 +137,14 @@ def test_batch_one_times_pocketsds_chunked_unet_on_a_batch_one_export(tiny_model
 def test_a_contender_that_dies_mid_run_is_reported_and_the_others_finish(
         tiny_model_dir: Path, tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     bench_dir = str(Path(side_by_side.__file__).parent)
-    real = side_by_side.worker_command
+    real = race.worker_command
 
     def command(contender, spec_json, optimum):
         if contender.name == "onnxruntime":
             return [sys.executable, "-c", DYING_WORKER.format(bench=bench_dir)]
         return real(contender, spec_json, optimum)
 
-    monkeypatch.setattr(side_by_side, "worker_command", command)
+    monkeypatch.setattr(race, "worker_command", command)
     work = _work_with_bundle(tmp_path, tiny_bundle)
     request = _request(tiny_model_dir, work, ["pocketsd-onnxruntime", "onnxruntime", "optimum"])
     result = run_bench(BenchRequest(**{**request.__dict__, "optimum_python": None, "steps": 0}), lambda _: None)

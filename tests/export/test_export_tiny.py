@@ -95,13 +95,14 @@ def test_another_architecture_exports_and_chains(tmp_path: Path):
     assert chained_vs_unchunked(model, bundle, tmp_path) <= TOL["chunked_vs_unchunked_max_abs"]
 
 
-def test_external_data_chunks_load_and_are_hash_checked(tiny_model_dir: Path, tmp_path: Path):
-    """Weights go to a .data file beside each chunk (onnxruntime memory-maps it); hash-checked like the graph."""
+def test_external_data_chunks_load_and_are_hash_checked(tiny_bundle: Path, tmp_path: Path):
+    """Weights go to a .data file beside each chunk (onnxruntime memory-maps it); hash-checked like the graph. On a
+    copy of ``tiny_bundle`` (shared with other test files), whose weights file this test corrupts."""
+    import shutil
+
     from pocketsd.runtime.sessions import open_chunk
 
-    preset = with_overrides(load_preset("cpu"), {"unet": 2})
-    preset = type(preset)(**{**vars(preset), "components": ("unet",)})
-    bundle = export_bundle(ExportRequest(str(tiny_model_dir), preset, tmp_path / "b", progress=False, warm_cache=False))
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
     chunk = load_manifest(bundle).component("unet").chunks[0]
     # small initializers stay inline in the .onnx; the weights go to the .data file
     assert chunk.data_files and (bundle / chunk.data_files[0].path).stat().st_size >= 0.9 * chunk.weight_bytes

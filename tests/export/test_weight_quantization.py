@@ -151,7 +151,7 @@ def test_bundle_generates_close_to_the_fp32_bundle(bundle: Path, tiny_bundle: Pa
 def test_gate_failure_leaves_nothing_and_prints_the_table(tiny_model_dir: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]):
     preset = tmp_path / "strict.yaml"
-    preset.write_text("backend: onnx\ncomponents: [text_encoder, unet]\n"
+    preset.write_text("backend: onnx\ncomponents: [unet]\n"
                       "quantize:\n  unet: {weights: int8, min_psnr_db: 200}\n")
     out = tmp_path / "out"
     assert main(["export", "--model", str(tiny_model_dir), "--preset", str(preset), "--out", str(out)]) == 2

@@ -1,0 +1,178 @@
+"""The timed UNet calls of ``pocketsd bench``: workers started in groups that fit in memory, their calls interleaved.
+
+Interleaving (A B C A B C …) is what makes a ratio survive a machine whose speed drifts (this box's large MatMul has
+read 101 and 168 GFLOP/s at the two ends of one run), so the ratios the bench reports must come from calls that
+interleaved. Full-size workers take 6-10 GB each, so on a 24 GB box only about two run side by side, and grouping by
+memory alone put the fastest pocketsd configuration and plain OpenVINO in different groups: their ratio was read across
+minutes of drift. Hence two passes:
+
+1. pocketsd's contenders, each with its ``-1chunk`` twin (admission.py), in as few groups as fit;
+2. the peers, each group led by a fresh worker of the fastest pocketsd contender of pass 1 (the *pace* worker), so
+   that every peer's ratio to pocketsd is read from calls interleaved with its own (``vs_fastest`` in its row). A
+   peer that does not fit beside the pace worker runs alone, and its row says that its ratio did not interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from pocketsd.bench.admission import admission_units, fits_unit_now
+from pocketsd.bench.contenders import worker_command
+from pocketsd.bench.worker_client import WorkerError, WorkerProcess
+
+if TYPE_CHECKING:
+    from pocketsd.bench.side_by_side import BenchRequest, Row
+
+Tick = Callable[[str], None]
+POCKETSD = "pocketsd"
+
+
+def output_path(request: BenchRequest, row: Row, size: int) -> Path:
+    return request.work / "outputs" / f"{row.contender.name}-{size}.npy"
+
+
+def start(request: BenchRequest, row: Row, spec: dict, size: int, tick: Tick, log: str = "") -> WorkerProcess | None:
+    """Start a contender's worker, load it twice and warm it up; None (with ``row.error``) if that failed."""
+    name = row.contender.name
+    worker = WorkerProcess(name, worker_command(row.contender, json.dumps(spec), request.optimum_python),
+                           request.work / "logs" / f"{name}-{size}{log}.log")
+    try:
+        info = worker.request("info")
+        row.figures.update(describe=info.get("describe"), versions=info.get("versions"))
+        row.figures["cold_load_s"] = worker.request("load")["seconds"]
+        row.figures["warm_load_s"] = worker.request("load")["seconds"]
+        for _ in range(request.warmup):
+            worker.request("call")
+        tick(f"{name} loaded")
+        return worker
+    except WorkerError as exc:
+        row.error = str(exc)
+        worker.close()
+        return None
+
+
+class _Group:
+    """The workers of one group: started one by one while they fit, then called in turn, then closed."""
+
+    def __init__(self, request: BenchRequest, specs: dict[str, dict], size: int, tick: Tick, number: int) -> None:
+        self.request, self.specs, self.size, self.tick, self.number = request, specs, size, tick, number
+        self.live: list[tuple[Row, WorkerProcess]] = []
+        self.peaks: list[float] = []
+        self.unsaved: set[int] = set()  # the pace worker's output is its contender's, saved in pass 1
+
+    def admit(self, row: Row, largest: float, log: str = "") -> float:
+        """Start ``row``'s worker in this group; returns the largest peak RSS seen so far (bytes). A ``log`` suffix
+        marks an extra worker of a contender already timed (the pace worker): its output is not saved again."""
+        row.group = self.number
+        if log:
+            self.unsaved.add(id(row))
+        worker = start(self.request, row, self.specs[row.contender.name], self.size, self.tick, log)
+        if worker is None:
+            return largest
+        self.live.append((row, worker))
+        try:
+            peak = worker.request("stats")["peak_rss_mb"]
+        except WorkerError as exc:
+            row.error = str(exc)
+            return largest
+        row.figures["peak_rss_admitted_mb"] = peak  # what admission saw (admission.py's GROWTH)
+        self.peaks.append(peak * 1e6)
+        return max(largest, peak * 1e6)
+
+    def interleave(self, keep_outputs: bool) -> None:
+        for i in range(self.request.calls):
+            for row, worker in self.live:
+                if row.error:
+                    continue
+                save = None
+                if i == 0 and keep_outputs and id(row) not in self.unsaved:
+                    save = output_path(self.request, row, self.size)
+                if save:
+                    save.parent.mkdir(parents=True, exist_ok=True)
+                    save.unlink(missing_ok=True)  # never compare a stale output from an earlier run
+                try:
+                    answer = worker.request("call", **({"save": str(save)} if save else {}))
+                except WorkerError as exc:
+                    row.error = str(exc)
+                    continue
+                row.call_s.append(answer["seconds"])
+                for chunk in answer.get("chunks", []):
+                    row.chunk_s.setdefault(chunk["id"], []).append(chunk["seconds"])
+                self.tick(f"{row.contender.name} call")
+
+    def close(self) -> None:
+        for row, worker in self.live:
+            try:
+                row.figures["peak_rss_calls_mb"] = worker.request("stats")["peak_rss_mb"]
+            except WorkerError as exc:
+                row.error = row.error or str(exc)
+            worker.close()
+
+
+def _fastest(rows: list[Row]) -> Row | None:
+    timed = [r for r in rows if r.call_s and not r.error]
+    return min(timed, key=lambda r: statistics.median(r.call_s)) if timed else None
+
+
+def race(request: BenchRequest, rows: list[Row], specs: dict[str, dict], size: int, tick: Tick,
+         keep_outputs: bool = True) -> None:
+    """Every runnable row's UNet calls, interleaved within groups (module docstring); with ``keep_outputs``, each
+    row's first output saved for the agreement check."""
+    from pocketsd.bench.side_by_side import Row
+
+    runnable = [r for r in rows if not r.skipped and not r.error]
+    ours = [r for r in runnable if r.contender.kind == POCKETSD]
+    peers = [r for r in runnable if r.contender.kind != POCKETSD]
+    waiting = [[ours[i] for i in unit] for unit in admission_units([r.contender.name for r in ours])]
+    number, largest = 0, 0.0
+    while waiting:
+        number += 1
+        group = _Group(request, specs, size, tick, number)
+        while waiting and fits_unit_now(group.peaks, largest, len(waiting[0])):
+            row, *twin = waiting.pop(0)
+            if twin:  # next, checked against the real peaks (if it no longer fits, it leads the next group)
+                waiting.insert(0, twin)
+            largest = group.admit(row, largest)
+        group.interleave(keep_outputs)
+        group.close()
+    fastest = _fastest(ours)
+    while peers:
+        number += 1
+        group = _Group(request, specs, size, tick, number)
+        # the pace worker only where a peer as large as it could fit beside it (its peak known from pass 1)
+        pace_peak = fastest.figures.get("peak_rss_admitted_mb", 0.0) * 1e6 if fastest else 0.0
+        pace = Row(fastest.contender) if fastest and fits_unit_now([pace_peak], pace_peak, 1) else None
+        if pace:  # its own load figures stay out of the table: only its calls beside the peers are kept
+            group.admit(pace, 0.0, log="-pace")
+        # a newcomer counts as large as the largest worker of its group, not of the run (pocketsd's fp32 OpenVINO
+        # worker, by far the largest, would keep every peer from fitting beside the pace worker)
+        sized = max(group.peaks, default=0.0)
+        members: list[Row] = []
+        while peers and (not group.peaks or fits_unit_now(group.peaks, sized, 1)):
+            members.append(peers.pop(0))
+            sized = group.admit(members[-1], sized)
+        if not members:  # the next peer does not fit beside the pace worker after all: it runs alone
+            group.close()
+            group, pace = _Group(request, specs, size, tick, number), None
+            members.append(peers.pop(0))
+            group.admit(members[0], largest)
+        group.interleave(keep_outputs)
+        group.close()
+        for row in members:
+            row.figures["vs_fastest"] = _pace_figures(fastest, pace, row)
+
+
+def _pace_figures(fastest: Row | None, pace: Row | None, row: Row) -> dict[str, Any] | None:
+    """The peer's median call against the fastest pocketsd contender's: from the pace worker's interleaved calls when
+    there was one, else from pass 1's calls (minutes apart: ``interleaved`` False)."""
+    if fastest is None or not row.call_s:
+        return None
+    interleaved = pace is not None and bool(pace.call_s) and not pace.error
+    ours = statistics.median(pace.call_s if interleaved and pace else fastest.call_s)
+    theirs = statistics.median(row.call_s)
+    return {"contender": fastest.contender.name, "interleaved": interleaved, "pocketsd_median_s": ours,
+            "peer_median_s": theirs, "ratio": theirs / ours,
+            **({"pocketsd_call_s": pace.call_s} if interleaved and pace else {})}
