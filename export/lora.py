@@ -93,7 +93,10 @@ def fuse_loras(module: Any, subfolder: str, loras: tuple[LoraFile, ...]) -> Any:
 
     prefix = _PREFIX[subfolder]
     for index, lora in enumerate(loras):
-        state, alphas = StableDiffusionPipeline.lora_state_dict(str(lora.path))
+        # with the UNet's config, kohya UNet keys in the original (SGM) block names, as kohya's SDXL trainer writes
+        # them (lora_unet_input_blocks_4_1_…), are mapped to diffusers' blocks first, as load_lora_weights does
+        config = {"unet_config": module.config} if subfolder == "unet" else {}
+        state, alphas = StableDiffusionPipeline.lora_state_dict(str(lora.path), **config)
         wanted = sum(k.startswith(prefix + ".") and k.endswith(_DOWN_KEYS) for k in state)
         if not wanted:
             continue
@@ -126,10 +129,15 @@ def _load_into_text_encoder(state: dict[str, Any], alphas: dict[str, Any] | None
     transformers 5 only allows with a peft newer than the package index has (>= 0.22)."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from diffusers.utils.peft_utils import _create_lora_config
+    from diffusers.utils.state_dict_utils import StateDictType
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
     state = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
-    state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
+    # kohya's text-encoder keys come out of lora_state_dict in diffusers' old naming (to_q_lora.down); diffusers
+    # recognises that naming by a to_out_lora key alone, so a LoRA without out_proj layers would not be recognised
+    old = any(f"to_{p}_lora." in k for k in state for p in ("q", "k", "v", "out"))
+    state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(
+        state, original_type=StateDictType.DIFFUSERS_OLD if old else None))
     if not hasattr(text_encoder, "text_model"):  # CLIPTextModel is flat in newer transformers
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
     rank = {f"{n}.lora_B.weight": state[f"{n}.lora_B.weight"].shape[1] for n, _ in text_encoder.named_modules()

@@ -69,13 +69,46 @@ def fuse_by_hand(text_encoder, lora_file: Path, scale: float, prefix: str = "tex
                 modules[target].weight += scale * (up @ down)  # alpha = rank: diffusers reads no alpha from this file
 
 
-def to_kohya(diffusers_file: Path, out: Path) -> Path:
-    """The same LoRA in kohya's key layout (what most shared LoRA files use)."""
+def make_sdxl_lora(model_dir: Path, out: Path) -> Path:
+    """A rank-4 LoRA on the UNet's attention and both text encoders' q/v projections of an SDXL model, diffusers
+    layout (``text_encoder_2.`` keys for the second encoder)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["q_proj", "v_proj"]), encoder)
+    for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):  # peft starts B at zero: give it weights
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=1.0)
+    out.mkdir(parents=True, exist_ok=True)
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        out, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        text_encoder_2_lora_layers=get_peft_model_state_dict(pipe.text_encoder_2), weight_name="xl.safetensors")
+    return out / "xl.safetensors"
+
+
+def to_kohya(diffusers_file: Path, out: Path, sdxl_unet: dict | None = None) -> Path:
+    """The same LoRA in kohya's key layout (what most shared LoRA files use). With ``sdxl_unet`` (the UNet's config),
+    as kohya's SDXL trainer writes it: the UNet's layers under their original (SGM) names (``input_blocks_4_1_…``),
+    the text encoders as ``lora_te1_`` and ``lora_te2_``, with transformers' names."""
+    from pocketsd.export.original_layout import PREFIXES, original_name
+
     kohya = {}
     for key, value in load_file(diffusers_file).items():
         stem, kind = key.rsplit(".lora_", 1)
         module, part = stem.split(".", 1)
-        name = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[module] + part.replace(".", "_")
+        if sdxl_unet is not None and module == "unet":
+            part = original_name("unet", f"{part}.weight", sdxl_unet).removeprefix(PREFIXES["unet"])[:-len(".weight")]
+        elif sdxl_unet is not None and not part.startswith("text_model."):
+            part = f"text_model.{part}"
+        prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl_unet else "lora_te_",
+                    "text_encoder_2": "lora_te2_"}
+        name = prefixes[module] + part.replace(".", "_")
         kohya[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
         kohya[f"{name}.alpha"] = torch.tensor(float(RANK))
     save_file(kohya, out)
@@ -178,3 +211,30 @@ def test_lora_files_are_checked_before_anything_is_loaded(tmp_path):
                           ("none.safetensors", "cannot read LoRA file"), ("plain.safetensors", "holds no LoRA")):
         with pytest.raises(ModelError, match=message):
             check_lora_files(((str(tmp_path / name), 1.0),))
+
+
+def test_an_sdxl_lora_in_kohyas_layout_fuses_as_the_same_lora_in_diffusers_layout(tmp_path: Path):
+    """kohya's SDXL LoRAs name the UNet's layers by the original SGM blocks: fused at export (export/lora.py), each
+    of the UNet and both text encoders gets exactly the weights the diffusers-layout file gives it, and they differ
+    from the model's own. (The diffusers-layout file's export against diffusers: tests/runtime/test_sdxl_parity.py)"""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from pocketsd.export.lora import fuse_loras
+    from pocketsd.export.random_model import builtin_configs, write_random_model
+
+    model = write_random_model(tmp_path / "xl", builtin_configs("tiny-sdxl"))
+    lora = make_sdxl_lora(model, tmp_path / "lora")
+    unet_config = dict(diffusers.UNet2DConditionModel.load_config(model / "unet"))
+    kohya = to_kohya(lora, tmp_path / "kohya.safetensors", sdxl_unet=unet_config)
+    assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(kohya))
+    loaders = {"unet": lambda: diffusers.UNet2DConditionModel.from_pretrained(model / "unet"),
+               "text_encoder": lambda: CLIPTextModel.from_pretrained(model / "text_encoder"),
+               "text_encoder_2": lambda: CLIPTextModelWithProjection.from_pretrained(model / "text_encoder_2")}
+    for sub, load in loaders.items():
+        plain = load().state_dict()
+        fused = [fuse_loras(load(), sub, check_lora_files(((str(f), SCALE),))).state_dict() for f in (lora, kohya)]
+        assert fused[0].keys() == fused[1].keys() == plain.keys(), sub
+        changed = [k for k in plain if not torch.equal(plain[k], fused[0][k])]
+        assert changed, f"the LoRA must change the {sub}"
+        for key in plain:
+            torch.testing.assert_close(fused[1][key], fused[0][key], rtol=0, atol=1e-6, msg=f"{sub} {key}")

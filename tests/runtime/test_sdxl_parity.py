@@ -108,27 +108,11 @@ def test_sdxl_several_images_unguided_matches_diffusers(xl_reference, xl_runtime
 
 def test_sdxl_lora_fused_at_export_matches_diffusers(xl_exported, xl_runtime: Pipeline, tmp_path: Path):
     """A LoRA on the UNet and both text encoders (SDXL's diffusers layout), fused at export as ``fuse_lora``."""
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.utils import get_peft_model_state_dict
-
     from pocketsd.cli import main
-    from tests.export.test_lora import fuse_by_hand
+    from tests.export.test_lora import fuse_by_hand, make_sdxl_lora
 
     model = xl_exported[0]
-    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(model)
-    torch.manual_seed(0)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
-        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]), encoder)
-    for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):  # peft starts B at zero: give it weights
-        for name, param in module.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(param, std=1.0)
-    diffusers.StableDiffusionXLPipeline.save_lora_weights(
-        tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
-        text_encoder_2_lora_layers=get_peft_model_state_dict(pipe.text_encoder_2), weight_name="xl.safetensors")
-    lora = tmp_path / "xl.safetensors"
+    lora = make_sdxl_lora(model, tmp_path)
 
     reference = diffusers.StableDiffusionXLPipeline.from_pretrained(model)
     reference.set_progress_bar_config(disable=True)
