@@ -1,13 +1,15 @@
-"""Stable Diffusion 1.x's original key layout: one ``.safetensors`` file holding the whole model under the names of
-the CompVis/LDM code that trained it, as single-file checkpoints are shared.
+"""Stable Diffusion 1.x's and SDXL's original key layouts: one ``.safetensors`` file holding the whole model under the
+names of the CompVis/LDM (SDXL: Stability's SGM) code that trained it, as single-file checkpoints are shared.
 
 Three prefixes, one per sub-model: ``model.diffusion_model.`` (the UNet: ``input_blocks``, ``middle_block``,
 ``output_blocks``), ``first_stage_model.`` (the VAE: ``encoder.down.N.block.M``, ``decoder.up.N`` numbered from the
 bottom, ``mid.attn_1`` with 1x1-conv ``q``/``k``/``v``/``proj_out``) and ``cond_stage_model.transformer.`` (the CLIP
-ViT-L text encoder, transformers' names under ``text_model.``). ``original_name`` maps each diffusers tensor name to
-its original one; the writer (``pocketsd random-model --single-file``) and the reader's architecture check
-(export/single_file.py) both use it, so the two cannot disagree. The round trip through diffusers' own single-file
-loader is exact (tests/export/test_single_file.py).
+ViT-L text encoder, transformers' names under ``text_model.``). SDXL keeps the UNet's and VAE's names (its UNet adds
+``label_emb``) and stores its text encoders under ``conditioner.embedders.0.transformer.`` (as SD 1.x's) and
+``conditioner.embedders.1.model.`` (OpenCLIP's layout: export/open_clip_layout.py). ``original_name`` maps each
+diffusers tensor name to its original one; the writer (``pocketsd random-model --single-file``) and the reader's
+architecture check (export/single_file.py) both use it, so the two cannot disagree. The round trip through diffusers'
+own single-file loader is exact (tests/export/test_single_file.py).
 """
 
 from __future__ import annotations
@@ -25,14 +27,22 @@ log = logging.getLogger(__name__)
 
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
             "text_encoder": "cond_stage_model.transformer."}
+XL_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+               "text_encoder": "conditioner.embedders.0.transformer.",
+               "text_encoder_2": "conditioner.embedders.1.model."}
 # The text encoder's position ids: a buffer, not a weight, but original checkpoints carry it (int64, 1 x length)
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+XL_POSITION_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+# OpenCLIP's temperature: SDXL files carry it, no diffusers model has it
+XL_UNUSED = (XL_POSITION_IDS, "conditioner.embedders.1.model.logit_scale")
 SD1_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+XL_PIPELINE = "StableDiffusionXLPipeline"
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
            "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 _VAE_TOP = {"conv_norm_out": "norm_out", "conv_in": "conv_in", "conv_out": "conv_out"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _BLOCK = re.compile(r"(?P<side>down|up)_blocks\.(?P<block>\d+)\.(?P<part>resnets|attentions|downsamplers|upsamplers)"
@@ -98,8 +108,13 @@ def _vae_name(name: str, config: dict[str, Any]) -> str:
     raise InternalError(f"no original-layout name for the VAE tensor {name}")
 
 
-def original_name(sub: str, name: str, config: dict[str, Any]) -> str:
-    """The original-layout name of the diffusers tensor ``name`` of sub-model ``sub`` (with its ``config``)."""
+def prefixes_for(xl: bool) -> dict[str, str]:
+    return XL_PREFIXES if xl else PREFIXES
+
+
+def original_name(sub: str, name: str, config: dict[str, Any], prefixes: dict[str, str] = PREFIXES) -> str:
+    """The original-layout name of the diffusers tensor ``name`` of sub-model ``sub`` (with its ``config``); SDXL's
+    second text encoder is renamed as a whole (open_clip_tensors), not tensor by tensor."""
     if sub == "unet":
         local = _unet_name(name, config)
     elif sub == "vae":
@@ -108,7 +123,7 @@ def original_name(sub: str, name: str, config: dict[str, Any]) -> str:
         local = name if name.startswith("text_model.") else f"text_model.{name}"
     else:
         raise InternalError(f"no original layout for the sub-model {sub!r}")
-    return PREFIXES[sub] + local
+    return prefixes[sub] + local
 
 
 def original_shape(sub: str, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -118,11 +133,13 @@ def original_shape(sub: str, name: str, shape: tuple[int, ...]) -> tuple[int, ..
     return shape
 
 
-def sd1_layout_problem(unet: dict[str, Any], text_encoder: dict[str, Any], pipeline: str | None) -> str:
-    """Why a model does not have SD 1.x's original layout ("" when it has): SD 2.x's OpenCLIP text encoder (gelu) and
-    SDXL's added conditioning are stored under other names, which this module does not write."""
+def layout_problem(unet: dict[str, Any], text_encoder: dict[str, Any], pipeline: str | None) -> str:
+    """Why a model has neither SD 1.x's nor SDXL's original layout ("" when it has one): SD 2.x's OpenCLIP text
+    encoder (gelu, under cond_stage_model.model.) is stored under names this module does not write."""
+    if pipeline == XL_PIPELINE:
+        return "" if unet.get("addition_embed_type") == "text_time" else "an SDXL pipeline without SDXL's UNet"
     if pipeline not in SD1_PIPELINES:
-        return f"a {pipeline}, not an SD 1.x pipeline ({', '.join(SD1_PIPELINES)})"
+        return f"a {pipeline}, not an SD 1.x or SDXL pipeline ({', '.join((*SD1_PIPELINES, XL_PIPELINE))})"
     if text_encoder.get("hidden_act") != "quick_gelu":
         return (f"its text encoder is not CLIP ViT-L's kind (hidden_act {text_encoder.get('hidden_act')!r}, not "
                 "'quick_gelu'): an SD 2.x model, whose original layout is OpenCLIP's")
@@ -146,16 +163,24 @@ def _original_tensors(folder: ModelFolder) -> Iterator[tuple[str, Any]]:
     import torch
     from safetensors import safe_open
 
-    for sub in PREFIXES:
+    from pocketsd.export.open_clip_layout import open_clip_tensors
+
+    xl = folder.model_index.get("_class_name") == XL_PIPELINE
+    prefixes = prefixes_for(xl)
+    for sub, prefix in prefixes.items():
         config = folder.config(sub)
         for path in _weight_files(folder, sub):
             with safe_open(str(path), framework="pt") as weights:
+                if sub == "text_encoder_2":
+                    state = {name: weights.get_tensor(name) for name in weights.keys()}
+                    yield from ((prefix + name, tensor) for name, tensor in open_clip_tensors(state).items())
+                    continue
                 for name in weights.keys():
                     tensor = weights.get_tensor(name)
-                    yield original_name(sub, name, config), tensor.reshape(original_shape(sub, name,
-                                                                                          tuple(tensor.shape)))
+                    yield (original_name(sub, name, config, prefixes),
+                           tensor.reshape(original_shape(sub, name, tuple(tensor.shape))))
     length = int(folder.config("text_encoder")["max_position_embeddings"])
-    yield POSITION_IDS, torch.arange(length, dtype=torch.int64).unsqueeze(0)
+    yield XL_POSITION_IDS if xl else POSITION_IDS, torch.arange(length, dtype=torch.int64).unsqueeze(0)
 
 
 def check_single_file_target(path: str | Path) -> Path:
@@ -171,18 +196,18 @@ def check_single_file_target(path: str | Path) -> Path:
 
 
 def write_original_layout(model_dir: str | Path, target: str | Path) -> Path:
-    """Write the SD 1.x diffusers folder ``model_dir`` as one original-layout ``.safetensors`` file at ``target``,
-    completely or not at all (written beside it under a temporary name, then renamed)."""
+    """Write the SD 1.x or SDXL diffusers folder ``model_dir`` as one original-layout ``.safetensors`` file at
+    ``target``, completely or not at all (written beside it under a temporary name, then renamed)."""
     from safetensors.torch import save_file
 
     out = check_single_file_target(target)
     folder = open_model_folder(model_dir)
-    problem = sd1_layout_problem(folder.config("unet"), folder.config("text_encoder"),
-                                 folder.model_index.get("_class_name"))
+    problem = layout_problem(folder.config("unet"), folder.config("text_encoder"),
+                             folder.model_index.get("_class_name"))
     if problem:
-        raise ModelError(f"{folder.path} cannot be written in SD 1.x's original layout: {problem}",
-                         "only SD 1.x models have this layout (random-model --arch tiny, tiny-inpaint, sd15 or "
-                         "sd15-inpaint)", code="unsupported-model")
+        raise ModelError(f"{folder.path} cannot be written in an original layout: {problem}",
+                         "only SD 1.x and SDXL models are written so (random-model --arch tiny, tiny-inpaint, sd15, "
+                         "sd15-inpaint, tiny-sdxl or sdxl)", code="unsupported-model")
     tensors = dict(_original_tensors(folder))
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:

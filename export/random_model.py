@@ -58,7 +58,7 @@ def builtin_configs(arch: str) -> ModelConfigs:
                         text_encoder_2=second)
 
 
-def _model_index(diffusers_version: str, scheduler_class: str, pipeline_class: str,
+def model_index(diffusers_version: str, scheduler_class: str, pipeline_class: str,
                  configs: ModelConfigs) -> dict[str, Any]:
     if configs.text_encoder_2 is not None:  # SDXL's pipeline has no safety checker
         return {"_class_name": pipeline_class, "_diffusers_version": diffusers_version,
@@ -119,7 +119,7 @@ def _write_components(configs: ModelConfigs, root: Path) -> None:
     diffusers.AutoencoderKL(**configs.vae).save_pretrained(root / "vae", safe_serialization=True)
     scheduler_class = configs.scheduler.get("_class_name", "PNDMScheduler")
     getattr(diffusers, scheduler_class).from_config(configs.scheduler).save_pretrained(root / "scheduler")
-    index = _model_index(diffusers.__version__, scheduler_class,
+    index = model_index(diffusers.__version__, scheduler_class,
                          configs.extra.get("pipeline_class", "StableDiffusionPipeline"), configs)
     (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 

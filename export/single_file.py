@@ -24,24 +24,41 @@ from tqdm import tqdm
 
 from pocketsd.errors import ModelError
 from pocketsd.export.model_loader import TOKENIZER_FILES, ModelFolder, open_model_folder, read_json
-from pocketsd.export.original_layout import POSITION_IDS, PREFIXES, original_name, original_shape
-from pocketsd.export.random_model import ModelConfigs, builtin_configs
-from pocketsd.export.tokenizer_files import BOS_TOKEN, EOS_TOKEN, load_clip_tokenizer
+from pocketsd.export.original_layout import (
+    POSITION_IDS,
+    PREFIXES,
+    XL_PREFIXES,
+    XL_UNUSED,
+    original_name,
+    original_shape,
+    prefixes_for,
+)
+from pocketsd.export.random_model import ModelConfigs, builtin_configs, model_index
+from pocketsd.export.tokenizer_files import BOS_TOKEN, EOS_TOKEN, load_clip_tokenizer, set_pad_token
 from pocketsd.runtime.hashing import sha256_path
 
 log = logging.getLogger(__name__)
 
-# SD 1.x's original layout (CLIP ViT-L text encoder under cond_stage_model.transformer.). SD 2.x files are refused:
-# their v- or epsilon-prediction, which decides the scheduler, is not in the weights.
-SINGLE_FILE_ARCHS = ("tiny", "tiny-inpaint", "sd15", "sd15-inpaint")
+# SD 1.x's original layout (CLIP ViT-L text encoder under cond_stage_model.transformer.) and SDXL's (two text encoders
+# under conditioner.embedders.). SDXL-Turbo files hold the same tensors as SDXL base and read as SDXL base (its
+# scheduler config and 1024² size): export a Turbo model from its diffusers folder. SD 2.x files are refused: their
+# v- or epsilon-prediction, which decides the scheduler, is not in the weights.
+SINGLE_FILE_ARCHS = ("tiny", "tiny-inpaint", "sd15", "sd15-inpaint", "tiny-sdxl", "sdxl")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _CONV_IN = PREFIXES["unet"] + "input_blocks.0.0.weight"
-_TOKENS = PREFIXES["text_encoder"] + "text_model.embeddings.token_embedding.weight"
+_XL_MARK = "conditioner.embedders."
 _OTHER_FAMILIES = (  # (key prefix, what the file is, the diffusers pipeline that converts it to a folder)
-    ("conditioner.embedders.", "an SDXL checkpoint (conditioner.embedders.*)", "StableDiffusionXLPipeline"),
     ("cond_stage_model.model.", "an SD 2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.*), whose "
      "v- or epsilon-prediction is not in the weights", "StableDiffusionPipeline"),
 )
+
+
+def _tokens_key(xl: bool) -> str:
+    return prefixes_for(xl)["text_encoder"] + "text_model.embeddings.token_embedding.weight"
+
+
+def _is_xl(arch: str) -> bool:
+    return builtin_configs(arch).text_encoder_2 is not None
 
 
 def is_single_file(model: str) -> bool:
@@ -69,18 +86,26 @@ def expected_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     device (shapes only, no memory) and named by export/original_layout.py."""
     import diffusers
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from pocketsd.export.open_clip_layout import open_clip_tensors
 
     configs = builtin_configs(arch)
+    prefixes = prefixes_for(configs.text_encoder_2 is not None)
     no_ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}  # shapes only: the ids do not matter
     with torch.device("meta"):
         models = {"unet": diffusers.UNet2DConditionModel(**configs.unet), "vae": diffusers.AutoencoderKL(**configs.vae),
                   "text_encoder": CLIPTextModel(CLIPTextConfig(**{**configs.text_encoder, **no_ids}))}
-    shapes = {}
+        if configs.text_encoder_2 is not None:
+            second = CLIPTextModelWithProjection(CLIPTextConfig(**{**configs.text_encoder_2, **no_ids}))
+            shapes = {prefixes["text_encoder_2"] + name: tuple(tensor.shape)
+                      for name, tensor in open_clip_tensors(second.state_dict()).items()}
+        else:
+            shapes = {}
     for sub, model in models.items():
         config = dict(model.config) if sub != "text_encoder" else {}
         for name, tensor in model.state_dict().items():
-            shapes[original_name(sub, name, config)] = original_shape(sub, name, tuple(tensor.shape))
+            shapes[original_name(sub, name, config, prefixes)] = original_shape(sub, name, tuple(tensor.shape))
     return shapes
 
 
@@ -88,9 +113,9 @@ def _differences(found: dict[str, tuple[int, ...]], arch: str) -> list[str]:
     expected = expected_shapes(arch)
     out = [f"{key} is missing" if key not in found else f"{key} is {found[key]} here, {shape} in {arch}"
            for key, shape in sorted(expected.items()) if found.get(key) != shape]
-    ours = tuple(PREFIXES.values())
+    ours = tuple(prefixes_for(_is_xl(arch)).values())
     return out + [f"{key} is not in {arch}" for key in sorted(found)
-                  if key.startswith(ours) and key not in expected and key != POSITION_IDS]
+                  if key.startswith(ours) and key not in expected and key not in (POSITION_IDS, *XL_UNUSED)]
 
 
 def _signature(configs: ModelConfigs) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -101,8 +126,8 @@ def _signature(configs: ModelConfigs) -> tuple[tuple[int, ...], tuple[int, ...]]
             (int(text["vocab_size"]), int(text["hidden_size"])))
 
 
-def _described(found: dict[str, tuple[int, ...]]) -> str:
-    conv_in, tokens = found.get(_CONV_IN), found.get(_TOKENS)
+def _described(found: dict[str, tuple[int, ...]], xl: bool) -> str:
+    conv_in, tokens = found.get(_CONV_IN), found.get(_tokens_key(xl))
     context = next((shape[1] for key, shape in sorted(found.items()) if key.endswith(".attn2.to_k.weight")), None)
     parts = []
     if conv_in and len(conv_in) == 4:
@@ -116,21 +141,22 @@ def _described(found: dict[str, tuple[int, ...]]) -> str:
 def detect_arch(path: Path, found: dict[str, tuple[int, ...]]) -> str:
     """The one shipped architecture whose every tensor ``found`` (name → shape) holds; else a ModelError saying what
     the file is and what is supported."""
-    supported = f"single files pocketsd reads: {', '.join(SINGLE_FILE_ARCHS)} (SD 1.x original layout)"
+    supported = f"single files pocketsd reads: {', '.join(SINGLE_FILE_ARCHS)} (SD 1.x's and SDXL's original layouts)"
     for prefix, what, pipeline in _OTHER_FAMILIES:
         if any(key.startswith(prefix) for key in found):
             raise ModelError(f"{path.name} is {what}; {supported}",
                              f"convert it to a diffusers folder (diffusers' {pipeline}.from_single_file(...)"
                              ".save_pretrained(DIR)) and export the folder", code="unsupported-checkpoint")
     hint = f"{supported}; export any other model from its diffusers folder"
-    if not any(key.startswith(tuple(PREFIXES.values())) for key in found):
+    xl = any(key.startswith(_XL_MARK) for key in found)
+    if not any(key.startswith(tuple(prefixes_for(xl).values())) for key in found):
         example = min(found, default="none")
         lora = any("lora" in key.lower() for key in found)
         raise ModelError(f"{path.name} matches no architecture pocketsd knows: none of its {len(found)} tensors is "
-                         f"under {', '.join(PREFIXES.values())} (e.g. {example})",
+                         f"under {', '.join(prefixes_for(xl).values())} (e.g. {example})",
                          "it looks like a LoRA: give it to --lora" if lora else hint, code="unknown-checkpoint")
-    sieved = [arch for arch in SINGLE_FILE_ARCHS
-              if _signature(builtin_configs(arch)) == (found.get(_CONV_IN), found.get(_TOKENS))]
+    sieved = [arch for arch in SINGLE_FILE_ARCHS if _is_xl(arch) == xl
+              and _signature(builtin_configs(arch)) == (found.get(_CONV_IN), found.get(_tokens_key(xl)))]
     differences = {arch: _differences(found, arch) for arch in sieved}
     matches = [arch for arch, diff in differences.items() if not diff]
     if matches:
@@ -140,7 +166,7 @@ def detect_arch(path: Path, found: dict[str, tuple[int, ...]]) -> str:
         arch, diff = min(differences.items(), key=lambda item: len(item[1]))
         more = f" (and {len(diff) - 1} more differences)" if len(diff) > 1 else ""
         closest = f"; closest is {arch}, but {diff[0]}{more}"
-    raise ModelError(f"{path.name} matches no architecture pocketsd knows: it holds {_described(found)}{closest}",
+    raise ModelError(f"{path.name} matches no architecture pocketsd knows: it holds {_described(found, xl)}{closest}",
                      hint, code="unknown-checkpoint")
 
 
@@ -175,29 +201,32 @@ def check_tokenizer(tokenizer: str | None, checkpoint: Path, vocab_rows: int) ->
 
 def _write_config_folder(configs: ModelConfigs, tokenizer: Path, out: Path) -> None:
     """A diffusers folder without weights: the shipped configs (completed as ``random-model`` completes them, so
-    the converted folder equals the random model's), the user's tokenizer and the arch's scheduler."""
+    the converted folder equals the random model's), the user's tokenizer (SDXL: twice, the second with ``!`` as its
+    pad token, as SDXL ships it) and the arch's scheduler."""
     import diffusers
     from transformers import CLIPTextConfig
 
-    (out / "tokenizer").mkdir(parents=True)
-    for name in TOKENIZER_FILES:
-        if (tokenizer / name).is_file():
-            shutil.copyfile(tokenizer / name, out / "tokenizer" / name)
+    tokenizers = ["tokenizer", *(["tokenizer_2"] if configs.text_encoder_2 is not None else [])]
+    for folder in tokenizers:
+        (out / folder).mkdir(parents=True)
+        for name in TOKENIZER_FILES:
+            if (tokenizer / name).is_file():
+                shutil.copyfile(tokenizer / name, out / folder / name)
+    if configs.text_encoder_2 is not None:
+        set_pad_token(out / "tokenizer_2", configs.extra.get("tokenizer_2_pad_token", "!"))
     vocab = read_json(out / "tokenizer" / "vocab.json")
     special = {"bos_token_id": vocab[BOS_TOKEN], "eos_token_id": vocab[EOS_TOKEN], "pad_token_id": vocab[EOS_TOKEN]}
     CLIPTextConfig(**{**configs.text_encoder, **special}).save_pretrained(out / "text_encoder")
+    if configs.text_encoder_2 is not None:
+        CLIPTextConfig(**{**configs.text_encoder_2, **special}).save_pretrained(out / "text_encoder_2")
     for sub, config in (("unet", configs.unet), ("vae", configs.vae)):
         (out / sub).mkdir()
         (out / sub / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     scheduler = configs.scheduler.get("_class_name", "PNDMScheduler")
     getattr(diffusers, scheduler).from_config(configs.scheduler).save_pretrained(out / "scheduler")
-    index = {"_class_name": configs.extra.get("pipeline_class", "StableDiffusionPipeline"),
-             "_diffusers_version": diffusers.__version__, "scheduler": ["diffusers", scheduler],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
-             "requires_safety_checker": False}
-    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    index = model_index(diffusers.__version__, scheduler,
+                        configs.extra.get("pipeline_class", "StableDiffusionPipeline"), configs)
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")  # as random-model writes it
 
 
 def convert_single_file(checkpoint: Path, arch: str, tokenizer: Path, out: Path, progress: bool = False) -> Path:
@@ -218,6 +247,8 @@ def convert_single_file(checkpoint: Path, arch: str, tokenizer: Path, out: Path,
                "vae": lambda state: diffusers.AutoencoderKL.from_single_file(state, subfolder="vae", **config),
                "text_encoder": lambda state: create_diffusers_clip_model_from_ldm(
                    CLIPTextModel, state, subfolder="text_encoder", **config)}
+    if _is_xl(arch):
+        loaders["text_encoder_2"] = lambda state: _second_text_encoder(state, out / "text_encoder_2")
     with tqdm(total=1 + len(loaders), desc="convert", unit="step", disable=not progress) as bar:
         try:
             state = load_file(str(checkpoint))  # read once, then each sub-model takes its part
@@ -230,6 +261,25 @@ def convert_single_file(checkpoint: Path, arch: str, tokenizer: Path, out: Path,
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise ModelError(f"cannot convert {checkpoint}: {first}", "copy the checkpoint again") from None
     return out
+
+
+def _second_text_encoder(state: dict[str, Any], config_dir: Path) -> Any:
+    """SDXL's second text encoder by diffusers' OpenCLIP converter, called directly: its single-file loader takes
+    the first encoder's tensors for the second whenever the two are as wide (true of tiny-sdxl), as it picks the
+    branch by that width alone."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_dir))
+    converted = convert_open_clip_checkpoint(model, state, prefix=XL_PREFIXES["text_encoder_2"])
+    if not any(key.startswith("text_model.") for key in model.state_dict()):
+        converted = {key.removeprefix("text_model."): value for key, value in converted.items()}
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    missing = [key for key in missing if not key.endswith("position_ids")]
+    if missing or unexpected:
+        raise KeyError(f"the second text encoder's tensors do not fit: missing {missing[:3]}, unexpected "
+                       f"{unexpected[:3]}")
+    return model
 
 
 def open_single_file(model: str, tokenizer: str | None, variant: str | None, stack: ExitStack,
@@ -248,7 +298,7 @@ def open_single_file(model: str, tokenizer: str | None, variant: str | None, sta
                          "leave out --variant")
     found = read_shapes(path)
     arch = detect_arch(path, found)
-    tokenizer_dir = check_tokenizer(tokenizer, path, found[_TOKENS][0])
+    tokenizer_dir = check_tokenizer(tokenizer, path, found[_tokens_key(_is_xl(arch))][0])
     log.info("%s: original-layout %s checkpoint", path, arch)
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pocketsd-single-file-")))
     folder = open_model_folder(convert_single_file(path, arch, tokenizer_dir, tmp / "model", progress))

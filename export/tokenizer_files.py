@@ -208,6 +208,15 @@ def _added_token(content: str) -> dict:
     return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
 
 
+def set_pad_token(folder: Path, pad_token: str) -> None:
+    """Name ``pad_token`` as the pad token of the tokenizer in ``folder`` (its special_tokens_map.json), as SDXL's
+    second tokenizer is its first with ``!`` as the pad token."""
+    path = Path(folder) / SPECIAL_TOKENS_FILE
+    special = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else _special_tokens_map(pad_token)
+    special["pad_token"] = pad_token
+    path.write_bytes(_to_json(special).encode("utf-8"))
+
+
 def _special_tokens_map(pad_token: str) -> dict:
     return {
         "bos_token": _added_token(BOS_TOKEN),

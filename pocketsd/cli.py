@@ -29,17 +29,17 @@ def _chunks_arg(text: str) -> tuple[str, int]:
 
 
 def cmd_random_model(args: argparse.Namespace) -> int:
-    from pocketsd.export.original_layout import check_single_file_target, sd1_layout_problem, write_original_layout
+    from pocketsd.export.original_layout import check_single_file_target, layout_problem, write_original_layout
     from pocketsd.export.random_model import builtin_configs, write_random_model
 
     configs = builtin_configs(args.arch)
     if args.single_file is not None:  # refused before the model is built, not after
         check_single_file_target(args.single_file)
-        problem = sd1_layout_problem(configs.unet, configs.text_encoder,
-                                     configs.extra.get("pipeline_class", "StableDiffusionPipeline"))
+        problem = layout_problem(configs.unet, configs.text_encoder,
+                                 configs.extra.get("pipeline_class", "StableDiffusionPipeline"))
         if problem:
-            raise UserError(f"--single-file: --arch {args.arch} has no SD 1.x original layout: {problem}",
-                            "use --arch tiny, tiny-inpaint, sd15 or sd15-inpaint", code="arch")
+            raise UserError(f"--single-file: --arch {args.arch} has no original layout pocketsd writes: {problem}",
+                            "use --arch tiny, tiny-inpaint, sd15, sd15-inpaint, tiny-sdxl or sdxl", code="arch")
     out = write_random_model(args.dir, configs)
     print(f"wrote random {args.arch} model to {out}")
     if args.single_file is not None:
@@ -255,17 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(9-channel inpainting UNet), tiny-turbo (SD-Turbo style); the ones not named tiny are at "
                         "full published size")
     p.add_argument("--single-file", metavar="FILE.safetensors",
-                   help="also write the model as one checkpoint in SD 1.x's original (CompVis) key layout, as "
-                        "single-file models are shared (SD 1.x archs only)")
+                   help="also write the model as one checkpoint in its original (CompVis / SGM) key layout, as "
+                        "single-file models are shared (SD 1.x and SDXL archs)")
     p.set_defaults(run=cmd_random_model)
 
     p = sub.add_parser("export", help="export a model to a chunked, parity-checked bundle")
     p.add_argument("--model", required=True,
-                   help="'tiny' (built-in), a diffusers model folder, or a single-file SD 1.x checkpoint "
+                   help="'tiny' (built-in), a diffusers model folder, or a single-file SD 1.x or SDXL checkpoint "
                         "(.safetensors in the original layout; needs --tokenizer)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="for a single-file --model: the tokenizer/ folder (vocab.json, merges.txt) of a diffusers "
-                        "model of the same family, e.g. SD 1.5's")
+                        "model of the same family, e.g. SD 1.5's (SDXL's second tokenizer is the same with '!' as "
+                        "its pad token)")
     p.add_argument("--preset", default="cpu", help="built-in preset name (cpu, cpu-lowmem, ...) or a YAML file")
     p.add_argument("--out", required=True, help="bundle folder to create (must not exist or be empty)")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
