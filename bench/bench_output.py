@@ -174,13 +174,14 @@ def chart(result: dict[str, Any], path: Path) -> None:
         high = [r["unet_call_s"]["max"] - m if _median(r) else 0 for m, r in zip(medians, rows)]
         colors = ["tab:blue" if r["kind"] == POCKETSD else "tab:gray" for r in rows]
         ax.barh(names, medians, xerr=[low, high], color=colors, capsize=3)
-        for i, r in enumerate(rows):
+        for i, r in enumerate(rows):  # the label right of the bar's whisker, where no bar or whisker covers it
             label = f"{medians[i]:.2f} s" if _median(r) else ("skipped" if r.get("skipped") else "failed")
-            ax.text(medians[i], i, f" {label}", va="center", fontsize=8)
+            ax.text(medians[i] + high[i], i, f" {label}", va="center", fontsize=8)
+        ax.set_xlim(right=max(m + h for m, h in zip(medians, high)) * 1.15 or 1.0)
         ax.invert_yaxis()
         ax.set_xlabel("seconds per UNet call (median; bars: min–max)")
         ax.set_title(f"{size['size']}×{size['size']}, UNet batch {_batch(size)}")
-    fig.suptitle(f"pocketsd bench: {result['model']} on {result['machine']['cpu']}", fontsize=10)
+    fig.suptitle(f"pocketsd bench: {Path(result['model']).name} on {result['machine']['cpu']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
