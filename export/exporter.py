@@ -52,6 +52,7 @@ class ExportRequest:
     variant: str | None = None  # weights variant to load (fp16 ...); None: full precision, else the only one there
     loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale), fused into the weights in this order
     tokenizer: str | None = None  # a single-file checkpoint's tokenizer/ folder (the file holds none)
+    prediction_type: str | None = None  # a single-file checkpoint's (SD 2.x files do not say)
 
 
 def _model_folder(request: ExportRequest, stack: ExitStack) -> tuple[ModelFolder, dict[str, Any]]:
@@ -59,10 +60,13 @@ def _model_folder(request: ExportRequest, stack: ExitStack) -> tuple[ModelFolder
     single-file checkpoint become a diffusers folder in a temporary folder that ``stack`` removes."""
     model, variant = request.model, request.variant
     if is_single_file(model):
-        return open_single_file(model, request.tokenizer, variant, stack, request.progress)
+        return open_single_file(model, request.tokenizer, variant, stack, request.progress, request.prediction_type)
     if request.tokenizer is not None:
         raise ModelError(f"--tokenizer is for a single-file checkpoint; {model} has its own tokenizer",
                          "leave out --tokenizer", code="tokenizer")
+    if request.prediction_type is not None:
+        raise ModelError(f"--prediction-type is for a single-file checkpoint; {model}'s scheduler config says what "
+                         "its UNet predicts", "leave out --prediction-type", code="prediction-type")
     if model == "tiny":
         from pocketsd.export.random_model import builtin_configs, write_random_model
 

@@ -1,6 +1,7 @@
 """OpenCLIP's tensor layout, in which SDXL's original checkpoints store their second text encoder
-(``conditioner.embedders.1.model.``): transformers' ``CLIPTextModelWithProjection`` weights renamed, each layer's
-q/k/v projections fused into one ``in_proj`` tensor, the projection stored transposed.
+(``conditioner.embedders.1.model.``) and SD 2.x's their only one (``cond_stage_model.model.``): transformers'
+``CLIPTextModelWithProjection`` (``CLIPTextModel`` for SD 2.x) weights renamed, each layer's q/k/v projections fused
+into one ``in_proj`` tensor, the projection stored transposed.
 
 The names are diffusers' own table (``DIFFUSERS_TO_LDM_MAPPING["openclip"]``, the one its single-file loader reads
 with), inverted, so that what ``random-model --single-file`` writes is what that loader reads; the fusing and the
@@ -30,8 +31,8 @@ def _renames() -> tuple[dict[str, str], list[tuple[str, str]]]:
 
 
 def open_clip_tensors(state: dict[str, Any]) -> dict[str, Any]:
-    """A ``CLIPTextModelWithProjection`` state dict (torch tensors, any device, meta included) in OpenCLIP's layout,
-    names without the checkpoint's prefix. The position ids buffer is not a weight and is left out."""
+    """A ``CLIPTextModelWithProjection`` or ``CLIPTextModel`` state dict (torch tensors, any device, meta included) in
+    OpenCLIP's layout, names without the checkpoint's prefix. The position ids buffer is not a weight: left out."""
     import torch
 
     whole, parts = _renames()

@@ -1,10 +1,14 @@
-"""Stable Diffusion 1.x's and SDXL's original key layouts: one ``.safetensors`` file holding the whole model under the
-names of the CompVis/LDM (SDXL: Stability's SGM) code that trained it, as single-file checkpoints are shared.
+"""Stable Diffusion 1.x's, 2.x's and SDXL's original key layouts: one ``.safetensors`` file holding the whole model
+under the names of the CompVis/LDM (SDXL: Stability's SGM) code that trained it, as single-file checkpoints are
+shared.
 
 Three prefixes, one per sub-model: ``model.diffusion_model.`` (the UNet: ``input_blocks``, ``middle_block``,
 ``output_blocks``), ``first_stage_model.`` (the VAE: ``encoder.down.N.block.M``, ``decoder.up.N`` numbered from the
 bottom, ``mid.attn_1`` with 1x1-conv ``q``/``k``/``v``/``proj_out``) and ``cond_stage_model.transformer.`` (the CLIP
-ViT-L text encoder, transformers' names under ``text_model.``). SDXL keeps the UNet's and VAE's names (its UNet adds
+ViT-L text encoder, transformers' names under ``text_model.``). SD 2.x keeps the UNet's and VAE's names and stores
+its OpenCLIP-H text encoder under ``cond_stage_model.model.`` in OpenCLIP's layout (export/open_clip_layout.py), with
+the last of its 24 layers, which SD 2.x skips (it reads the penultimate states) and diffusers' 23-layer text encoder
+does not have, its ``text_projection`` and its ``logit_scale``. SDXL keeps the UNet's and VAE's names (its UNet adds
 ``label_emb``) and stores its text encoders under ``conditioner.embedders.0.transformer.`` (as SD 1.x's) and
 ``conditioner.embedders.1.model.`` (OpenCLIP's layout: export/open_clip_layout.py). ``original_name`` maps each
 diffusers tensor name to its original one; the writer (``pocketsd random-model --single-file``) and the reader's
@@ -35,6 +39,12 @@ POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 XL_POSITION_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
 # OpenCLIP's temperature: SDXL files carry it, no diffusers model has it
 XL_UNUSED = (XL_POSITION_IDS, "conditioner.embedders.1.model.logit_scale")
+SD2_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                "text_encoder": "cond_stage_model.model."}
+# What SD 2.x files carry beside diffusers' text encoder: OpenCLIP's temperature and text projection (unused: SD 2.x
+# conditions on the penultimate layer's states), and that last layer itself (``resblocks.{layers}.``, sd2_skipped_layer)
+SD2_UNUSED = ("cond_stage_model.model.logit_scale", "cond_stage_model.model.text_projection")
+FAMILY_PREFIXES = {"sd1": PREFIXES, "sd2": SD2_PREFIXES, "sdxl": XL_PREFIXES}
 SD1_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
 XL_PIPELINE = "StableDiffusionXLPipeline"
 
@@ -108,8 +118,20 @@ def _vae_name(name: str, config: dict[str, Any]) -> str:
     raise InternalError(f"no original-layout name for the VAE tensor {name}")
 
 
-def prefixes_for(xl: bool) -> dict[str, str]:
-    return XL_PREFIXES if xl else PREFIXES
+def prefixes_for(family: str) -> dict[str, str]:
+    return FAMILY_PREFIXES[family]
+
+
+def layout_family(text_encoder: dict[str, Any], text_encoder_2: dict[str, Any] | None) -> str:
+    """``sdxl`` (two text encoders), ``sd2`` (an OpenCLIP text encoder: gelu) or ``sd1`` (CLIP ViT-L: quick_gelu)."""
+    if text_encoder_2 is not None:
+        return "sdxl"
+    return "sd2" if text_encoder.get("hidden_act") == "gelu" else "sd1"
+
+
+def sd2_skipped_layer(layers: int) -> str:
+    """The name prefix of the OpenCLIP layer an SD 2.x file holds after diffusers' ``layers`` text-encoder layers."""
+    return f"{SD2_PREFIXES['text_encoder']}transformer.resblocks.{layers}."
 
 
 def original_name(sub: str, name: str, config: dict[str, Any], prefixes: dict[str, str] = PREFIXES) -> str:
@@ -134,15 +156,14 @@ def original_shape(sub: str, name: str, shape: tuple[int, ...]) -> tuple[int, ..
 
 
 def layout_problem(unet: dict[str, Any], text_encoder: dict[str, Any], pipeline: str | None) -> str:
-    """Why a model has neither SD 1.x's nor SDXL's original layout ("" when it has one): SD 2.x's OpenCLIP text
-    encoder (gelu, under cond_stage_model.model.) is stored under names this module does not write."""
+    """Why a model has none of SD 1.x's, SD 2.x's and SDXL's original layouts ("" when it has one)."""
     if pipeline == XL_PIPELINE:
         return "" if unet.get("addition_embed_type") == "text_time" else "an SDXL pipeline without SDXL's UNet"
     if pipeline not in SD1_PIPELINES:
-        return f"a {pipeline}, not an SD 1.x or SDXL pipeline ({', '.join((*SD1_PIPELINES, XL_PIPELINE))})"
-    if text_encoder.get("hidden_act") != "quick_gelu":
-        return (f"its text encoder is not CLIP ViT-L's kind (hidden_act {text_encoder.get('hidden_act')!r}, not "
-                "'quick_gelu'): an SD 2.x model, whose original layout is OpenCLIP's")
+        return f"a {pipeline}, not an SD 1.x, 2.x or SDXL pipeline ({', '.join((*SD1_PIPELINES, XL_PIPELINE))})"
+    if text_encoder.get("hidden_act") not in ("quick_gelu", "gelu"):
+        return (f"its text encoder is neither CLIP ViT-L's kind nor OpenCLIP's (hidden_act "
+                f"{text_encoder.get('hidden_act')!r}, not 'quick_gelu' or 'gelu')")
     extra = [k for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim") if unet.get(k) is not None]
     if extra:
         return f"its UNet has {', '.join(extra)}, which SD 1.x's layout has no names for"
@@ -166,21 +187,45 @@ def _original_tensors(folder: ModelFolder) -> Iterator[tuple[str, Any]]:
     from pocketsd.export.open_clip_layout import open_clip_tensors
 
     xl = folder.model_index.get("_class_name") == XL_PIPELINE
-    prefixes = prefixes_for(xl)
+    family = layout_family(folder.config("text_encoder"), {} if xl else None)
+    prefixes = prefixes_for(family)
     for sub, prefix in prefixes.items():
         config = folder.config(sub)
         for path in _weight_files(folder, sub):
             with safe_open(str(path), framework="pt") as weights:
-                if sub == "text_encoder_2":
+                if sub == "text_encoder_2" or (family == "sd2" and sub == "text_encoder"):
                     state = {name: weights.get_tensor(name) for name in weights.keys()}
                     yield from ((prefix + name, tensor) for name, tensor in open_clip_tensors(state).items())
+                    if sub == "text_encoder":
+                        yield from _sd2_extras(state, int(config["num_hidden_layers"]))
                     continue
                 for name in weights.keys():
                     tensor = weights.get_tensor(name)
                     yield (original_name(sub, name, config, prefixes),
                            tensor.reshape(original_shape(sub, name, tuple(tensor.shape))))
-    length = int(folder.config("text_encoder")["max_position_embeddings"])
-    yield XL_POSITION_IDS if xl else POSITION_IDS, torch.arange(length, dtype=torch.int64).unsqueeze(0)
+    if family != "sd2":  # OpenCLIP has no position ids buffer
+        length = int(folder.config("text_encoder")["max_position_embeddings"])
+        yield XL_POSITION_IDS if xl else POSITION_IDS, torch.arange(length, dtype=torch.int64).unsqueeze(0)
+
+
+def _sd2_extras(state: dict[str, Any], layers: int) -> Iterator[tuple[str, Any]]:
+    """What an SD 2.x file holds beside diffusers' text encoder, so that a written file reads as a real one: the
+    layer SD 2.x skips (a copy of the last kept layer here: only its names and shapes matter, no reader uses it), the
+    text projection (identity) and OpenCLIP's temperature (its initial value, log(1/0.07))."""
+    import math
+
+    import torch
+
+    from pocketsd.export.open_clip_layout import open_clip_tensors
+
+    last = f"encoder.layers.{layers - 1}."
+    copied = {name.replace(last, "encoder.layers.0."): tensor for name, tensor in state.items() if last in name}
+    skipped = sd2_skipped_layer(layers)
+    for name, tensor in open_clip_tensors(copied).items():
+        yield skipped + name.removeprefix("transformer.resblocks.0."), tensor.clone()
+    width = int(state[next(k for k in state if k.endswith("token_embedding.weight"))].shape[1])
+    yield SD2_UNUSED[1], torch.eye(width)
+    yield SD2_UNUSED[0], torch.tensor(math.log(1 / 0.07))
 
 
 def check_single_file_target(path: str | Path) -> Path:
@@ -196,7 +241,7 @@ def check_single_file_target(path: str | Path) -> Path:
 
 
 def write_original_layout(model_dir: str | Path, target: str | Path) -> Path:
-    """Write the SD 1.x or SDXL diffusers folder ``model_dir`` as one original-layout ``.safetensors`` file at
+    """Write the SD 1.x, 2.x or SDXL diffusers folder ``model_dir`` as one original-layout ``.safetensors`` file at
     ``target``, completely or not at all (written beside it under a temporary name, then renamed)."""
     from safetensors.torch import save_file
 
@@ -206,8 +251,8 @@ def write_original_layout(model_dir: str | Path, target: str | Path) -> Path:
                              folder.model_index.get("_class_name"))
     if problem:
         raise ModelError(f"{folder.path} cannot be written in an original layout: {problem}",
-                         "only SD 1.x and SDXL models are written so (random-model --arch tiny, tiny-inpaint, sd15, "
-                         "sd15-inpaint, tiny-sdxl or sdxl)", code="unsupported-model")
+                         "only SD 1.x, 2.x and SDXL models are written so (random-model --arch tiny, tiny-inpaint, "
+                         "sd15, sd15-inpaint, tiny-sd21, sd21, tiny-sdxl or sdxl)", code="unsupported-model")
     tensors = dict(_original_tensors(folder))
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:

@@ -11,6 +11,7 @@ refused, never loaded: loading a pickle runs arbitrary code.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -25,13 +26,16 @@ from tqdm import tqdm
 from pocketsd.errors import ModelError
 from pocketsd.export.model_loader import TOKENIZER_FILES, ModelFolder, open_model_folder, read_json
 from pocketsd.export.original_layout import (
+    FAMILY_PREFIXES,
     POSITION_IDS,
     PREFIXES,
-    XL_PREFIXES,
+    SD2_UNUSED,
     XL_UNUSED,
+    layout_family,
     original_name,
     original_shape,
     prefixes_for,
+    sd2_skipped_layer,
 )
 from pocketsd.export.random_model import ModelConfigs, builtin_configs, model_index
 from pocketsd.export.tokenizer_files import BOS_TOKEN, EOS_TOKEN, load_clip_tokenizer, set_pad_token
@@ -39,26 +43,32 @@ from pocketsd.runtime.hashing import sha256_path
 
 log = logging.getLogger(__name__)
 
-# SD 1.x's original layout (CLIP ViT-L text encoder under cond_stage_model.transformer.) and SDXL's (two text encoders
-# under conditioner.embedders.). SDXL-Turbo files hold the same tensors as SDXL base and read as SDXL base (its
-# scheduler config and 1024² size): export a Turbo model from its diffusers folder. SD 2.x files are refused: their
-# v- or epsilon-prediction, which decides the scheduler, is not in the weights.
-SINGLE_FILE_ARCHS = ("tiny", "tiny-inpaint", "sd15", "sd15-inpaint", "tiny-sdxl", "sdxl")
+# SD 1.x's original layout (CLIP ViT-L text encoder under cond_stage_model.transformer.), SD 2.x's (OpenCLIP-H under
+# cond_stage_model.model.) and SDXL's (two text encoders under conditioner.embedders.). SDXL-Turbo files hold the same
+# tensors as SDXL base and read as SDXL base (its scheduler config and 1024² size): export a Turbo model from its
+# diffusers folder. An SD 2.x file does not say whether its UNet predicts noise (the 512² "base" models) or velocity
+# (the 768² "v" models): --prediction-type must.
+SINGLE_FILE_ARCHS = ("tiny", "tiny-inpaint", "sd15", "sd15-inpaint", "tiny-sd21", "sd21", "tiny-sdxl", "sdxl")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# SD 2.x base models (epsilon) are 512² models: the UNet's sample size then, as diffusers' stable-diffusion-2-1-base
+_BASE_SAMPLE_SIZE = {"sd21": 64}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _CONV_IN = PREFIXES["unet"] + "input_blocks.0.0.weight"
-_XL_MARK = "conditioner.embedders."
-_OTHER_FAMILIES = (  # (key prefix, what the file is, the diffusers pipeline that converts it to a folder)
-    ("cond_stage_model.model.", "an SD 2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.*), whose "
-     "v- or epsilon-prediction is not in the weights", "StableDiffusionPipeline"),
-)
+_FAMILY_MARKS = (("conditioner.embedders.", "sdxl"), ("cond_stage_model.model.", "sd2"))
 
 
-def _tokens_key(xl: bool) -> str:
-    return prefixes_for(xl)["text_encoder"] + "text_model.embeddings.token_embedding.weight"
+def _tokens_key(family: str) -> str:
+    local = "token_embedding.weight" if family == "sd2" else "text_model.embeddings.token_embedding.weight"
+    return prefixes_for(family)["text_encoder"] + local
+
+
+def _family(arch: str) -> str:
+    configs = builtin_configs(arch)
+    return layout_family(configs.text_encoder, configs.text_encoder_2)
 
 
 def _is_xl(arch: str) -> bool:
-    return builtin_configs(arch).text_encoder_2 is not None
+    return _family(arch) == "sdxl"
 
 
 def is_single_file(model: str) -> bool:
@@ -91,7 +101,8 @@ def expected_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     from pocketsd.export.open_clip_layout import open_clip_tensors
 
     configs = builtin_configs(arch)
-    prefixes = prefixes_for(configs.text_encoder_2 is not None)
+    family = _family(arch)
+    prefixes = prefixes_for(family)
     no_ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}  # shapes only: the ids do not matter
     with torch.device("meta"):
         models = {"unet": diffusers.UNet2DConditionModel(**configs.unet), "vae": diffusers.AutoencoderKL(**configs.vae),
@@ -102,6 +113,9 @@ def expected_shapes(arch: str) -> dict[str, tuple[int, ...]]:
                       for name, tensor in open_clip_tensors(second.state_dict()).items()}
         else:
             shapes = {}
+    if family == "sd2":
+        shapes.update({prefixes["text_encoder"] + name: tuple(tensor.shape)
+                       for name, tensor in open_clip_tensors(models.pop("text_encoder").state_dict()).items()})
     for sub, model in models.items():
         config = dict(model.config) if sub != "text_encoder" else {}
         for name, tensor in model.state_dict().items():
@@ -113,9 +127,11 @@ def _differences(found: dict[str, tuple[int, ...]], arch: str) -> list[str]:
     expected = expected_shapes(arch)
     out = [f"{key} is missing" if key not in found else f"{key} is {found[key]} here, {shape} in {arch}"
            for key, shape in sorted(expected.items()) if found.get(key) != shape]
-    ours = tuple(prefixes_for(_is_xl(arch)).values())
-    return out + [f"{key} is not in {arch}" for key in sorted(found)
-                  if key.startswith(ours) and key not in expected and key not in (POSITION_IDS, *XL_UNUSED)]
+    ours = tuple(prefixes_for(_family(arch)).values())
+    skipped = sd2_skipped_layer(int(builtin_configs(arch).text_encoder["num_hidden_layers"]))
+    unused = (POSITION_IDS, *XL_UNUSED, *SD2_UNUSED)
+    return out + [f"{key} is not in {arch}" for key in sorted(found) if key.startswith(ours) and key not in expected
+                  and key not in unused and not key.startswith(skipped)]
 
 
 def _signature(configs: ModelConfigs) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -126,8 +142,8 @@ def _signature(configs: ModelConfigs) -> tuple[tuple[int, ...], tuple[int, ...]]
             (int(text["vocab_size"]), int(text["hidden_size"])))
 
 
-def _described(found: dict[str, tuple[int, ...]], xl: bool) -> str:
-    conv_in, tokens = found.get(_CONV_IN), found.get(_tokens_key(xl))
+def _described(found: dict[str, tuple[int, ...]], family: str) -> str:
+    conv_in, tokens = found.get(_CONV_IN), found.get(_tokens_key(family))
     context = next((shape[1] for key, shape in sorted(found.items()) if key.endswith(".attn2.to_k.weight")), None)
     parts = []
     if conv_in and len(conv_in) == 4:
@@ -141,22 +157,19 @@ def _described(found: dict[str, tuple[int, ...]], xl: bool) -> str:
 def detect_arch(path: Path, found: dict[str, tuple[int, ...]]) -> str:
     """The one shipped architecture whose every tensor ``found`` (name → shape) holds; else a ModelError saying what
     the file is and what is supported."""
-    supported = f"single files pocketsd reads: {', '.join(SINGLE_FILE_ARCHS)} (SD 1.x's and SDXL's original layouts)"
-    for prefix, what, pipeline in _OTHER_FAMILIES:
-        if any(key.startswith(prefix) for key in found):
-            raise ModelError(f"{path.name} is {what}; {supported}",
-                             f"convert it to a diffusers folder (diffusers' {pipeline}.from_single_file(...)"
-                             ".save_pretrained(DIR)) and export the folder", code="unsupported-checkpoint")
+    supported = (f"single files pocketsd reads: {', '.join(SINGLE_FILE_ARCHS)} (SD 1.x's, SD 2.x's and SDXL's "
+                 "original layouts)")
     hint = f"{supported}; export any other model from its diffusers folder"
-    xl = any(key.startswith(_XL_MARK) for key in found)
-    if not any(key.startswith(tuple(prefixes_for(xl).values())) for key in found):
+    family = next((name for mark, name in _FAMILY_MARKS if any(key.startswith(mark) for key in found)), "sd1")
+    if not any(key.startswith(tuple(prefixes_for(family).values())) for key in found):
         example = min(found, default="none")
         lora = any("lora" in key.lower() for key in found)
+        known = sorted({prefix for prefixes in FAMILY_PREFIXES.values() for prefix in prefixes.values()})
         raise ModelError(f"{path.name} matches no architecture pocketsd knows: none of its {len(found)} tensors is "
-                         f"under {', '.join(prefixes_for(xl).values())} (e.g. {example})",
+                         f"under {', '.join(known)} (e.g. {example})",
                          "it looks like a LoRA: give it to --lora" if lora else hint, code="unknown-checkpoint")
-    sieved = [arch for arch in SINGLE_FILE_ARCHS if _is_xl(arch) == xl
-              and _signature(builtin_configs(arch)) == (found.get(_CONV_IN), found.get(_tokens_key(xl)))]
+    sieved = [arch for arch in SINGLE_FILE_ARCHS if _family(arch) == family
+              and _signature(builtin_configs(arch)) == (found.get(_CONV_IN), found.get(_tokens_key(family)))]
     differences = {arch: _differences(found, arch) for arch in sieved}
     matches = [arch for arch, diff in differences.items() if not diff]
     if matches:
@@ -166,7 +179,8 @@ def detect_arch(path: Path, found: dict[str, tuple[int, ...]]) -> str:
         arch, diff = min(differences.items(), key=lambda item: len(item[1]))
         more = f" (and {len(diff) - 1} more differences)" if len(diff) > 1 else ""
         closest = f"; closest is {arch}, but {diff[0]}{more}"
-    raise ModelError(f"{path.name} matches no architecture pocketsd knows: it holds {_described(found, xl)}{closest}",
+    raise ModelError(f"{path.name} matches no architecture pocketsd knows: it holds {_described(found, family)}"
+                     f"{closest}",
                      hint, code="unknown-checkpoint")
 
 
@@ -214,6 +228,8 @@ def _write_config_folder(configs: ModelConfigs, tokenizer: Path, out: Path) -> N
                 shutil.copyfile(tokenizer / name, out / folder / name)
     if configs.text_encoder_2 is not None:
         set_pad_token(out / "tokenizer_2", configs.extra.get("tokenizer_2_pad_token", "!"))
+    if "tokenizer_pad_token" in configs.extra:  # SD 2.x's tokenizer pads with "!"
+        set_pad_token(out / "tokenizer", configs.extra["tokenizer_pad_token"])
     vocab = read_json(out / "tokenizer" / "vocab.json")
     special = {"bos_token_id": vocab[BOS_TOKEN], "eos_token_id": vocab[EOS_TOKEN], "pad_token_id": vocab[EOS_TOKEN]}
     CLIPTextConfig(**{**configs.text_encoder, **special}).save_pretrained(out / "text_encoder")
@@ -229,7 +245,20 @@ def _write_config_folder(configs: ModelConfigs, tokenizer: Path, out: Path) -> N
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")  # as random-model writes it
 
 
-def convert_single_file(checkpoint: Path, arch: str, tokenizer: Path, out: Path, progress: bool = False) -> Path:
+def _configs_for(arch: str, prediction_type: str | None) -> ModelConfigs:
+    """``arch``'s shipped configs, with the scheduler's ``prediction_type`` given (and for an SD 2.x base model, its
+    512² sample size)."""
+    configs = builtin_configs(arch)
+    if prediction_type is None or prediction_type == configs.scheduler.get("prediction_type", "epsilon"):
+        return configs
+    unet = dict(configs.unet)
+    if prediction_type == "epsilon" and arch in _BASE_SAMPLE_SIZE:
+        unet["sample_size"] = _BASE_SAMPLE_SIZE[arch]
+    return dataclasses.replace(configs, unet=unet, scheduler={**configs.scheduler, "prediction_type": prediction_type})
+
+
+def convert_single_file(checkpoint: Path, arch: str, tokenizer: Path, out: Path, progress: bool = False,
+                        prediction_type: str | None = None) -> Path:
     """Write ``checkpoint`` (of architecture ``arch``) as a diffusers folder ``out`` by diffusers' single-file
     loaders, offline: the config they read is the local folder written first, so nothing is looked up elsewhere."""
     import diffusers
@@ -241,14 +270,16 @@ def convert_single_file(checkpoint: Path, arch: str, tokenizer: Path, out: Path,
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    _write_config_folder(builtin_configs(arch), tokenizer, out)
+    _write_config_folder(_configs_for(arch, prediction_type), tokenizer, out)
     config = dict(config=str(out), local_files_only=True)
     loaders = {"unet": lambda state: diffusers.UNet2DConditionModel.from_single_file(state, subfolder="unet", **config),
                "vae": lambda state: diffusers.AutoencoderKL.from_single_file(state, subfolder="vae", **config),
                "text_encoder": lambda state: create_diffusers_clip_model_from_ldm(
                    CLIPTextModel, state, subfolder="text_encoder", **config)}
+    if _family(arch) == "sd2":
+        loaders["text_encoder"] = lambda state: _open_clip_text_encoder(state, out / "text_encoder", "sd2")
     if _is_xl(arch):
-        loaders["text_encoder_2"] = lambda state: _second_text_encoder(state, out / "text_encoder_2")
+        loaders["text_encoder_2"] = lambda state: _open_clip_text_encoder(state, out / "text_encoder_2", "sdxl")
     with tqdm(total=1 + len(loaders), desc="convert", unit="step", disable=not progress) as bar:
         try:
             state = load_file(str(checkpoint))  # read once, then each sub-model takes its part
@@ -263,27 +294,34 @@ def convert_single_file(checkpoint: Path, arch: str, tokenizer: Path, out: Path,
     return out
 
 
-def _second_text_encoder(state: dict[str, Any], config_dir: Path) -> Any:
-    """SDXL's second text encoder by diffusers' OpenCLIP converter, called directly: its single-file loader takes
-    the first encoder's tensors for the second whenever the two are as wide (true of tiny-sdxl), as it picks the
-    branch by that width alone."""
+def _open_clip_text_encoder(state: dict[str, Any], config_dir: Path, family: str) -> Any:
+    """A text encoder stored in OpenCLIP's layout, by diffusers' OpenCLIP converter called directly, loaded strictly:
+    SDXL's second (its single-file loader takes the first encoder's tensors for the second whenever the two are as
+    wide, true of tiny-sdxl, as it picks the branch by that width alone) or SD 2.x's, without the layer SD 2.x skips
+    and the projection it does not use (diffusers ignores them by name for 24-layer models only)."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_dir))
-    converted = convert_open_clip_checkpoint(model, state, prefix=XL_PREFIXES["text_encoder_2"])
+    config = CLIPTextConfig.from_pretrained(config_dir)
+    model = (CLIPTextModelWithProjection if family == "sdxl" else CLIPTextModel)(config)
+    prefix = "text_encoder_2" if family == "sdxl" else "text_encoder"
+    converted = convert_open_clip_checkpoint(model, state, prefix=prefixes_for(family)[prefix])
+    if family == "sd2":
+        skipped = f"encoder.layers.{config.num_hidden_layers}."
+        converted = {key: value for key, value in converted.items()
+                     if skipped not in key and not key.endswith("text_projection.weight")}
     if not any(key.startswith("text_model.") for key in model.state_dict()):
         converted = {key.removeprefix("text_model."): value for key, value in converted.items()}
     missing, unexpected = model.load_state_dict(converted, strict=False)
     missing = [key for key in missing if not key.endswith("position_ids")]
     if missing or unexpected:
-        raise KeyError(f"the second text encoder's tensors do not fit: missing {missing[:3]}, unexpected "
+        raise KeyError(f"the {prefix.replace('_', ' ')}'s tensors do not fit: missing {missing[:3]}, unexpected "
                        f"{unexpected[:3]}")
     return model
 
 
 def open_single_file(model: str, tokenizer: str | None, variant: str | None, stack: ExitStack,
-                     progress: bool = False) -> tuple[ModelFolder, dict[str, Any]]:
+                     progress: bool = False, prediction_type: str | None = None) -> tuple[ModelFolder, dict[str, Any]]:
     """The checkpoint ``model`` converted into a temporary diffusers folder (removed when ``stack`` closes), and
     the manifest's ``model`` fields naming where it came from."""
     path = Path(model)
@@ -296,13 +334,23 @@ def open_single_file(model: str, tokenizer: str | None, variant: str | None, sta
     if variant is not None:
         raise ModelError(f"--variant {variant} picks among a diffusers folder's weight files; {path.name} is one file",
                          "leave out --variant")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ModelError(f"--prediction-type {prediction_type} is not one of {', '.join(PREDICTION_TYPES)}",
+                         "epsilon for noise-predicting models (SD 1.x, SD 2.x base), v_prediction for SD 2.x 768-v")
     found = read_shapes(path)
     arch = detect_arch(path, found)
-    tokenizer_dir = check_tokenizer(tokenizer, path, found[_tokens_key(_is_xl(arch))][0])
+    if _family(arch) == "sd2" and prediction_type is None:
+        raise ModelError(f"{path.name} is an SD 2.x checkpoint ({arch}), and its weights do not say whether it "
+                         "predicts noise or velocity", "pass --prediction-type v_prediction for a 768² 'v' model "
+                         "(SD 2.0-v, 2.1), --prediction-type epsilon for a 512² base model (SD 2.0-base, 2.1-base)",
+                         code="prediction-type")
+    tokenizer_dir = check_tokenizer(tokenizer, path, found[_tokens_key(_family(arch))][0])
     log.info("%s: original-layout %s checkpoint", path, arch)
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pocketsd-single-file-")))
-    folder = open_model_folder(convert_single_file(path, arch, tokenizer_dir, tmp / "model", progress))
+    folder = open_model_folder(convert_single_file(path, arch, tokenizer_dir, tmp / "model", progress,
+                                                   prediction_type))
     source = {"source": str(path.resolve()), "name": path.stem,
               "single_file": {"file": path.name, "sha256": sha256_path(path), "arch": arch,
-                              "tokenizer": str(tokenizer_dir.resolve())}}
+                              "tokenizer": str(tokenizer_dir.resolve()),
+                              **({"prediction_type": prediction_type} if prediction_type else {})}}
     return folder, source

@@ -39,7 +39,8 @@ def cmd_random_model(args: argparse.Namespace) -> int:
                                  configs.extra.get("pipeline_class", "StableDiffusionPipeline"))
         if problem:
             raise UserError(f"--single-file: --arch {args.arch} has no original layout pocketsd writes: {problem}",
-                            "use --arch tiny, tiny-inpaint, sd15, sd15-inpaint, tiny-sdxl or sdxl", code="arch")
+                            "use --arch tiny, tiny-inpaint, sd15, sd15-inpaint, tiny-sd21, sd21, tiny-sdxl or sdxl",
+                            code="arch")
     out = write_random_model(args.dir, configs)
     print(f"wrote random {args.arch} model to {out}")
     if args.single_file is not None:
@@ -64,7 +65,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_bundle(ExportRequest(model=args.model, preset=preset, out=Path(args.out), seed=args.seed,
                                       progress=not args.quiet, warm_cache=not args.no_warm_cache,
                                       variant=args.variant, loras=tuple(parse_lora_arg(a) for a in args.lora or ()),
-                                      tokenizer=args.tokenizer))
+                                      tokenizer=args.tokenizer, prediction_type=args.prediction_type))
     print(f"wrote bundle {out} (preset {preset.name}); see `pocketsd inspect {out}`")
     return 0
 
@@ -256,17 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "full published size")
     p.add_argument("--single-file", metavar="FILE.safetensors",
                    help="also write the model as one checkpoint in its original (CompVis / SGM) key layout, as "
-                        "single-file models are shared (SD 1.x and SDXL archs)")
+                        "single-file models are shared (SD 1.x, 2.x and SDXL archs)")
     p.set_defaults(run=cmd_random_model)
 
     p = sub.add_parser("export", help="export a model to a chunked, parity-checked bundle")
     p.add_argument("--model", required=True,
-                   help="'tiny' (built-in), a diffusers model folder, or a single-file SD 1.x or SDXL checkpoint "
+                   help="'tiny' (built-in), a diffusers model folder, or a single-file SD 1.x, 2.x or SDXL checkpoint "
                         "(.safetensors in the original layout; needs --tokenizer)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="for a single-file --model: the tokenizer/ folder (vocab.json, merges.txt) of a diffusers "
                         "model of the same family, e.g. SD 1.5's (SDXL's second tokenizer is the same with '!' as "
                         "its pad token)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                   help="for a single-file --model: what its UNet predicts; needed for SD 2.x files, whose weights do "
+                        "not say (v_prediction: 768² 'v' models such as SD 2.1; epsilon: 512² base models)")
     p.add_argument("--preset", default="cpu", help="built-in preset name (cpu, cpu-lowmem, ...) or a YAML file")
     p.add_argument("--out", required=True, help="bundle folder to create (must not exist or be empty)")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",

@@ -66,6 +66,13 @@ class Env:
         from pocketsd.export.original_layout import write_original_layout
         return write_original_layout(self._model, self.tmp / "tiny.safetensors")
 
+    @functools.cached_property
+    def sd2_file(self) -> Path:
+        from pocketsd.export.original_layout import write_original_layout
+        from pocketsd.export.random_model import builtin_configs, write_random_model
+        model = write_random_model(self.tmp / "sd2-model", builtin_configs("tiny-sd21"))
+        return write_original_layout(model, self.tmp / "sd2.safetensors")
+
     def tensors(self, name: str, keys: tuple[str, ...]) -> Path:  # a safetensors file of these (4, 4) tensors
         return save_file({key: np.zeros((4, 4), np.float32) for key in keys}, str(self.tmp / name)) or self.tmp / name
 
@@ -316,6 +323,11 @@ CASES = [
     Case("export-single-file-pickled", export(model=lambda e: e.file("model.ckpt", "x")),
          "is a pickled checkpoint: pocketsd never loads pickles"),
     Case("export-tokenizer-for-a-folder", export("--tokenizer", "tok"), "--tokenizer is for a single-file checkpoint"),
+    Case("export-single-file-sd2-no-prediction-type",
+         lambda e: export("--tokenizer", str(e.model / "tokenizer"), model=lambda e: e.sd2_file)(e),
+         "error[prediction-type]: sd2.safetensors is an SD 2.x checkpoint (tiny-sd21), and its weights do not say"),
+    Case("export-prediction-type-for-a-folder", export("--prediction-type", "epsilon"),
+         "--prediction-type is for a single-file checkpoint"),
     # -- export: presets and command-line values
     Case("export-preset-components-mapping", preset("components: {unet: {bogus_key: 1}}\n"),
          "mine.yaml: components is a mapping ({'unet': {'bogus_key': 1}}), not a non-empty list"),

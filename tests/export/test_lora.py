@@ -44,15 +44,20 @@ def make_lora(model_dir: Path, out: Path, seed: int = 0) -> Path:
     pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                     "out_proj"]), pipe.text_encoder)
-    for module in (pipe.unet, pipe.text_encoder):  # peft starts B at zero (a no-op LoRA): give it weights
-        for name, param in module.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(param, std=1.0)
+    _give_lora_b_weights(pipe.unet, pipe.text_encoder)
     out.mkdir(parents=True, exist_ok=True)
     diffusers.StableDiffusionPipeline.save_lora_weights(
         out, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
         text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder), weight_name="lora.safetensors")
     return out / "lora.safetensors"
+
+
+def _give_lora_b_weights(*modules: torch.nn.Module) -> None:
+    """peft starts every LoRA's B at zero (a no-op LoRA): give them weights, so that fusing one changes the model."""
+    for module in modules:
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=1.0)
 
 
 def fuse_by_hand(text_encoder, lora_file: Path, scale: float, prefix: str = "text_encoder") -> None:
@@ -80,10 +85,7 @@ def make_sdxl_lora(model_dir: Path, out: Path) -> Path:
     pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
         inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["q_proj", "v_proj"]), encoder)
-    for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):  # peft starts B at zero: give it weights
-        for name, param in module.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(param, std=1.0)
+    _give_lora_b_weights(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
     out.mkdir(parents=True, exist_ok=True)
     diffusers.StableDiffusionXLPipeline.save_lora_weights(
         out, unet_lora_layers=get_peft_model_state_dict(pipe.unet),

@@ -1,11 +1,11 @@
-"""Single-file checkpoints in SD 1.x's and SDXL's original layouts (export/original_layout.py,
+"""Single-file checkpoints in SD 1.x's, SD 2.x's and SDXL's original layouts (export/original_layout.py,
 export/open_clip_layout.py, export/single_file.py).
 
 The writer's SD 1.x file read back by diffusers' own pipeline-level single-file loader gives exactly the folder's
-tensors; the architecture is read from the keys and shapes (tiny vs tiny-inpaint vs tiny-sdxl; SD 2.x refused in one
-line); the converted folder equals the original one file for file (SDXL included: the same bytes, hence the same
-bundle); and the bundle exported from the file equals the bundle exported from the folder, chunk for chunk, apart
-from the recorded source.
+tensors; the architecture is read from the keys and shapes (tiny vs tiny-inpaint vs tiny-sd21 vs tiny-sdxl); the
+converted folder equals the original one file for file (SD 2.x and SDXL included: the same bytes, hence the same
+bundle); an SD 2.x file needs --prediction-type; and the bundle exported from the file equals the bundle exported
+from the folder, chunk for chunk, apart from the recorded source.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import dataclasses
 import json
 import shutil
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,10 @@ from pocketsd.export.model_loader import WEIGHT_FILES  # noqa: E402
 from pocketsd.export.original_layout import write_original_layout  # noqa: E402
 from pocketsd.export.preset import load_preset  # noqa: E402
 from pocketsd.export.random_model import builtin_configs, write_random_model  # noqa: E402
-from pocketsd.export.single_file import convert_single_file, detect_arch, read_shapes  # noqa: E402
+from pocketsd.export.single_file import convert_single_file, detect_arch, open_single_file, read_shapes  # noqa: E402
 from pocketsd.runtime.manifest import load_manifest  # noqa: E402
 
-ARCHS = ("tiny", "tiny-inpaint", "tiny-sdxl")
+ARCHS = ("tiny", "tiny-inpaint", "tiny-sd21", "tiny-sdxl")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def checkpoints(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     """arch → (its random diffusers folder, that folder written as one original-layout file)."""
     tmp = tmp_path_factory.mktemp("single-file")
     models = {"tiny": tiny_model_dir, **{arch: write_random_model(tmp / arch, builtin_configs(arch))
-                                         for arch in ("tiny-inpaint", "tiny-sdxl")}}
+                                         for arch in ARCHS[1:]}}
     return {arch: (model, write_original_layout(model, tmp / f"{arch}.safetensors")) for arch, model in models.items()}
 
 
@@ -54,8 +55,9 @@ def _folder_tensors(model: Path, sub: str) -> dict[str, torch.Tensor]:
 
 
 # SD 1.x only: diffusers' SDXL pipeline loader gives the second text encoder the first one's tensors when both are as
-# wide (tiny-sdxl's are), so pocketsd converts that encoder itself (single_file._second_text_encoder); the SDXL file's
-# conversion is checked byte for byte against the folder below
+# wide (tiny-sdxl's are), and its SD 2.x loader drops the skipped text-encoder layer only for 24-layer encoders, so
+# pocketsd converts OpenCLIP encoders itself (single_file._open_clip_text_encoder); those files' conversions are
+# checked byte for byte against the folder below
 @pytest.mark.parametrize("arch", ARCHS[:2])
 def test_diffusers_single_file_loader_reads_back_the_folder_exactly(arch: str, checkpoints):
     model, file = checkpoints[arch]
@@ -110,11 +112,27 @@ def test_a_lora_is_pointed_to_lora(tmp_path: Path):
     assert "matches no architecture" in line and "give it to --lora" in line
 
 
-def test_sd2_files_are_recognised_and_refused(tmp_path: Path):
-    key = "cond_stage_model.model.token_embedding.weight"
-    line = _refusal(_fake(tmp_path, {key: (77, 32), "model.diffusion_model.input_blocks.0.0.weight": (32, 4, 3, 3)}))
-    assert line.startswith("error[unsupported-checkpoint]") and "an SD 2.x checkpoint" in line
-    assert "save_pretrained" in line
+def test_the_sd2_file_has_openclip_names_and_what_sd2_files_carry_besides(checkpoints):
+    model, file = checkpoints["tiny-sd21"]
+    keys = load_numpy(str(file)).keys()
+    layers = builtin_configs("tiny-sd21").text_encoder["num_hidden_layers"]
+    assert "cond_stage_model.model.token_embedding.weight" in keys
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    # the layer SD 2.x skips (diffusers' text encoder has one layer fewer), the projection and temperature: ignored
+    assert f"cond_stage_model.model.transformer.resblocks.{layers}.attn.in_proj_weight" in keys
+    assert {"cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale"} <= set(keys)
+
+
+def test_an_sd2_file_needs_its_prediction_type(checkpoints, tmp_path: Path):
+    model, file = checkpoints["tiny-sd21"]
+    with pytest.raises(ModelError) as info, ExitStack() as stack:
+        open_single_file(str(file), str(model / "tokenizer"), None, stack)
+    line = info.value.one_line()
+    assert line.startswith("error[prediction-type]") and "SD 2.x" in line and "--prediction-type v_prediction" in line
+    out = convert_single_file(file, "tiny-sd21", model / "tokenizer", tmp_path / "eps", prediction_type="epsilon")
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (model / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
 def test_the_sdxl_file_has_sgm_names_and_openclip_second_encoder(checkpoints):
@@ -202,7 +220,7 @@ def test_random_model_writes_the_single_file(tmp_path: Path, capsys):
 
 
 def test_random_model_refuses_a_single_file_it_cannot_write_before_building(tmp_path: Path, capsys):
-    code = main(["random-model", str(tmp_path / "m"), "--arch", "tiny-sd21", "--single-file",
+    code = main(["random-model", str(tmp_path / "m"), "--arch", "tiny-lcm", "--single-file",
                  str(tmp_path / "m.safetensors")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "has no original layout pocketsd writes" in err
