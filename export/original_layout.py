@@ -43,7 +43,8 @@ SD2_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
                 "text_encoder": "cond_stage_model.model."}
 # What SD 2.x files carry beside diffusers' text encoder: OpenCLIP's temperature and text projection (unused: SD 2.x
 # conditions on the penultimate layer's states), and that last layer itself (``resblocks.{layers}.``, sd2_skipped_layer)
-SD2_UNUSED = ("cond_stage_model.model.logit_scale", "cond_stage_model.model.text_projection")
+SD2_LOGIT_SCALE, SD2_PROJECTION = "cond_stage_model.model.logit_scale", "cond_stage_model.model.text_projection"
+SD2_UNUSED = (SD2_LOGIT_SCALE, SD2_PROJECTION)
 FAMILY_PREFIXES = {"sd1": PREFIXES, "sd2": SD2_PREFIXES, "sdxl": XL_PREFIXES}
 SD1_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
 XL_PIPELINE = "StableDiffusionXLPipeline"
@@ -221,11 +222,11 @@ def _sd2_extras(state: dict[str, Any], layers: int) -> Iterator[tuple[str, Any]]
     last = f"encoder.layers.{layers - 1}."
     copied = {name.replace(last, "encoder.layers.0."): tensor for name, tensor in state.items() if last in name}
     skipped = sd2_skipped_layer(layers)
-    for name, tensor in open_clip_tensors(copied).items():
+    for name, tensor in open_clip_tensors(copied).items():  # cloned: safetensors refuses tensors sharing memory
         yield skipped + name.removeprefix("transformer.resblocks.0."), tensor.clone()
     width = int(state[next(k for k in state if k.endswith("token_embedding.weight"))].shape[1])
-    yield SD2_UNUSED[1], torch.eye(width)
-    yield SD2_UNUSED[0], torch.tensor(math.log(1 / 0.07))
+    yield SD2_PROJECTION, torch.eye(width)
+    yield SD2_LOGIT_SCALE, torch.tensor(math.log(1 / 0.07))
 
 
 def check_single_file_target(path: str | Path) -> Path:
