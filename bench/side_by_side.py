@@ -39,7 +39,7 @@ Tick = Callable[[str], None]
 
 @dataclass(frozen=True)
 class BenchRequest:
-    model: str  # a diffusers folder, or "tiny" (the built-in random model)
+    model: str  # a diffusers folder, "tiny" (the built-in random model) or "shapes" (the built-in trained one)
     contenders: tuple[Contender, ...]
     work: Path  # bundles, optimum's export and worker logs go here
     resolutions: tuple[int, ...] = (256, 512)
@@ -84,6 +84,10 @@ class Row:
 
 
 def _model_folder(request: BenchRequest) -> str:
+    if request.model == "shapes":
+        from pocketsd.shapes import model_folder
+
+        return str(model_folder())
     if request.model != "tiny":
         return request.model
     from pocketsd.export.random_model import builtin_configs, write_random_model

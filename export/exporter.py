@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExportRequest:
-    model: str  # "tiny", a diffusers folder, or a single-file checkpoint (.safetensors, original layout)
+    model: str  # "tiny", "shapes", a diffusers folder, or a single-file checkpoint (.safetensors, original layout)
     preset: Preset
     out: Path
     seed: int = 0
@@ -73,6 +73,11 @@ def _model_folder(request: ExportRequest, stack: ExitStack) -> tuple[ModelFolder
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pocketsd-tiny-")))
         path = write_random_model(tmp / "tiny", builtin_configs("tiny"))
         return open_model_folder(path, variant), {"source": "tiny (built-in random model)", "name": "tiny"}
+    if model == "shapes":
+        from pocketsd.shapes import model_folder
+
+        return open_model_folder(model_folder(), variant), {"source": "shapes (built-in trained model)",
+                                                            "name": "shapes"}
     folder = open_model_folder(model, variant)
     return folder, {"source": str(Path(model).resolve()), "name": Path(model).resolve().name}
 

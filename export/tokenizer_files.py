@@ -111,13 +111,15 @@ def write_tokenizer_json(tokenizer_dir: Path, out_path: Path, max_length: int) -
 
 
 def write_clip_tokenizer(
-    out_dir: Path, vocab_size: int = 1024, *, model_max_length: int = CLIP_MODEL_MAX_LENGTH, pad_token: str = EOS_TOKEN
+    out_dir: Path, vocab_size: int = 1024, *, model_max_length: int = CLIP_MODEL_MAX_LENGTH, pad_token: str = EOS_TOKEN,
+    corpus: Iterable[str] | None = None,
 ) -> None:
     """Writes the four tokenizer files of a CLIP-style tokenizer with exactly ``vocab_size`` tokens into ``out_dir``.
 
     ``pad_token="!"`` writes SD 2.x's configuration: its ``special_tokens_map.json`` names ``!`` (id 0) as the pad
     token, which overrides the ``<|endoftext|>`` of its ``tokenizer_config.json``. The same arguments give
-    byte-identical files on every run and every machine.
+    byte-identical files on every run and every machine. ``corpus``: the lines to learn the merges on (default: the
+    shipped ``tokenizer_corpus.txt``), e.g. the captions of a model's training set.
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ModelError(
@@ -129,7 +131,7 @@ def write_clip_tokenizer(
     # First the byte symbols alone, so that transformers builds CLIP's own word split to learn the merges on.
     _write_files(out_dir, build_vocab([], MIN_VOCAB_SIZE), [], configs)
     splitter = load_clip_tokenizer(out_dir).backend_tokenizer
-    merges = learn_merges(_corpus_lines(), vocab_size - MIN_VOCAB_SIZE, splitter)
+    merges = learn_merges(_corpus_lines() if corpus is None else list(corpus), vocab_size - MIN_VOCAB_SIZE, splitter)
     vocab = build_vocab(merges, vocab_size)
     _write_files(out_dir, vocab, merges, configs)
     placeholders = sum(token.startswith(PLACEHOLDER_PREFIX) for token in vocab)

@@ -218,9 +218,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pocketsd.bench.contenders import by_names, optimum_python
     from pocketsd.bench.side_by_side import BenchRequest, run_bench, ticks_expected
 
-    if args.model != "tiny" and not Path(args.model, "model_index.json").is_file():
+    if args.model not in ("tiny", "shapes") and not Path(args.model, "model_index.json").is_file():
         raise UserError(f"--model {args.model}: not a diffusers model folder (no model_index.json)",
-                        "give a diffusers folder (see `pocketsd random-model`) or 'tiny'", code="bench")
+                        "give a diffusers folder (see `pocketsd random-model`), 'tiny' or 'shapes'", code="bench")
     if args.calls < 1 or args.steps < 0 or args.warmup < 0:
         raise UserError("--calls must be ≥ 1 and --steps, --warmup ≥ 0", "see pocketsd bench --help", code="bench")
     request = BenchRequest(model=args.model, contenders=tuple(by_names(args.contender)), work=Path(args.work),
@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a model to a chunked, parity-checked bundle")
     p.add_argument("--model", required=True,
-                   help="'tiny' (built-in), a diffusers model folder, or a single-file SD 1.x, 2.x or SDXL checkpoint "
+                   help="'tiny' (built-in, random weights), 'shapes' (built-in, trained: draws its prompt), a "
+                        "diffusers model folder, or a single-file SD 1.x, 2.x or SDXL checkpoint "
                         "(.safetensors in the original layout; needs --tokenizer)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="for a single-file --model: the tokenizer/ folder (vocab.json, merges.txt) of a diffusers "
@@ -327,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time pocketsd against its peers (diffusers, onnxruntime, OpenVINO, optimum) "
                                      "on one model: JSON, markdown table and chart")
-    p.add_argument("--model", required=True, help="'tiny' (built-in) or a diffusers model folder")
+    p.add_argument("--model", required=True,
+                   help="'tiny' (built-in, random weights), 'shapes' (built-in, trained) or a diffusers model folder")
     p.add_argument("--resolution", type=_size_arg, action="append", help="square size in pixels (repeatable; "
                                                                          "default 256 and 512)")
     p.add_argument("--preset", default="cpu", help="the preset of the chunked bundle (default cpu)")
