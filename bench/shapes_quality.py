@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pocketsd.bench.activation_bounds import psnr
 from pocketsd.shapes.judge import adherence, judge
 from pocketsd.shapes.scenes import Scene, prompt_set
 
@@ -53,12 +54,6 @@ class Settings:
     prompts: int
     steps: int
     guidance: float
-
-
-def psnr(images: np.ndarray, reference: np.ndarray) -> float:
-    """One PSNR (dB, signal range 1) over all pictures; inf where they are equal."""
-    mse = float(np.mean((images.astype(np.float64) - reference.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def export(model: str, preset: str, out: Path) -> Path:
@@ -136,24 +131,21 @@ def compressor(folder: Path, recipe: dict[str, Any]) -> Callable[[Any], dict[str
 
 
 def untrained_copy(folder: Path, out: Path) -> Path:
-    """``folder`` with every module re-initialised from its config (seeded), tokenizer and scheduler kept."""
-    import diffusers
-    import torch
-    from transformers import CLIPTextModel
+    """The shapes architecture with random weights (``write_random_model``'s seeded initialisation), with the trained
+    tokenizer, so that captions encode as the trained model's do."""
+    from pocketsd.export.random_model import write_random_model
+    from pocketsd.shapes.train import model_configs
 
-    shutil.copytree(folder, out)
-    torch.manual_seed(0)
-    for name, cls in (("unet", diffusers.UNet2DConditionModel), ("vae", diffusers.AutoencoderKL)):
-        cls.from_config(cls.load_config(out / name)).save_pretrained(out / name, safe_serialization=True)
-    config = CLIPTextModel.config_class.from_pretrained(out / "text_encoder")
-    CLIPTextModel(config).save_pretrained(out / "text_encoder", safe_serialization=True)
+    write_random_model(out, model_configs())
+    shutil.rmtree(out / "tokenizer")
+    shutil.copytree(folder / "tokenizer", out / "tokenizer")
     return out
 
 
 def row(name: str, path: str, images: np.ndarray, scenes: list[Scene], reference: np.ndarray | None,
         unet_bytes: int | None, started: float, **extra: Any) -> dict[str, Any]:
     rates = adherence([judge(image, scene) for image, scene in zip(images, scenes)])
-    figure = psnr(images, reference) if reference is not None else None
+    figure = psnr(reference, images, peak=1.0) if reference is not None else None  # one over all pictures
     out = {"row": name, "path": path, "psnr_db": None if figure is None else round(figure, 2),
            "adherence": {k: round(v, 4) for k, v in rates.items()}, "unet_bytes": unet_bytes,
            "seconds": round(time.perf_counter() - started, 1), **extra}

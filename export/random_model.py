@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 ARCHS = ("tiny", "sd15", "tiny-sd21", "sd21", "tiny-inpaint", "sd15-inpaint", "tiny-turbo", "tiny-sdxl", "sdxl",
          "sdxl-turbo", "tiny-sdxl-turbo", "tiny-lcm", "sd15-lcm")
 SEED = 0
+# what --model takes besides a folder or a file: `tiny` is built from ARCHS' configs on use, `shapes` is trained and
+# shipped (pocketsd.shapes)
+BUILTIN_MODELS = ("tiny", "shapes")
 
 
 @dataclass(frozen=True)

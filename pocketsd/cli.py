@@ -217,8 +217,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pocketsd.bench.bench_output import write_results
     from pocketsd.bench.contenders import by_names, optimum_python
     from pocketsd.bench.side_by_side import BenchRequest, run_bench, ticks_expected
+    from pocketsd.export.random_model import BUILTIN_MODELS
 
-    if args.model not in ("tiny", "shapes") and not Path(args.model, "model_index.json").is_file():
+    if args.model not in BUILTIN_MODELS and not Path(args.model, "model_index.json").is_file():
         raise UserError(f"--model {args.model}: not a diffusers model folder (no model_index.json)",
                         "give a diffusers folder (see `pocketsd random-model`), 'tiny' or 'shapes'", code="bench")
     if args.calls < 1 or args.steps < 0 or args.warmup < 0:

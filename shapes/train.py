@@ -224,7 +224,7 @@ def train(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: bo
         unet.save_pretrained(staging / "unet", safe_serialization=True)
         text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True)
         diffusers.PNDMScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(staging / "scheduler")
-        index = model_index(diffusers.__version__, "PNDMScheduler", "StableDiffusionPipeline", _configs())
+        index = model_index(diffusers.__version__, "PNDMScheduler", "StableDiffusionPipeline", model_configs())
         (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (staging / "training.json").write_text(json.dumps(
             {"command": "make train-tiny", "config": asdict(config), "seconds": round(time.perf_counter() - started),
@@ -233,7 +233,8 @@ def train(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: bo
     return Path(out_dir)
 
 
-def _configs() -> Any:
+def model_configs() -> Any:
+    """The shapes model's configs as ``random_model`` takes them."""
     from pocketsd.export.random_model import ModelConfigs
 
     return ModelConfigs(UNET_CONFIG, VAE_CONFIG, TEXT_ENCODER_CONFIG, SCHEDULER_CONFIG, arch="shapes")
