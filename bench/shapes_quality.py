@@ -1,10 +1,11 @@
 """Quality on trained weights: does each preset and compression recipe still draw what the prompt asks for?
 
-    python -m pocketsd.bench.shapes_quality --work W [--prompts 120] [--steps 20] [--guidance 7.5]
+    python -m pocketsd.bench.shapes_quality --work W [--prompts 405] [--steps 20] [--guidance 7.5]
         [--out results/shapes_quality]
 
-On the built-in trained ``shapes`` model (pocketsd.shapes), over a fixed prompt set (``scenes.prompt_set``), each
-prompt with its own seed, the same for every row:
+On the built-in trained ``shapes`` model (pocketsd.shapes), over a fixed prompt set (``scenes.prompt_set``: by
+default all 405 scenes, each once, in a seeded order; ``--prompts N`` takes the first N), each prompt with its own
+seed, the same for every row:
 - bundles, run by the runtime (onnxruntime): ``cpu`` (fp32, the reference), ``cpu-int8``, ``cpu-int4`` and
   ``cpu-lowmem``. The last is exported from a copy of the preset whose VAE tile (8 latents, overlap 4: 3 × 3 tiles
   over the model's 16²) and attention slice (0.01 MB: 4 queries at a time) are scaled down to this small model, so
@@ -13,6 +14,7 @@ prompt with its own seed, the same for every row:
   the same palettes as the mlpackages, weights rounded to fp16) and run by diffusers' ``StableDiffusionPipeline``
   (fp32 compute; CoreML itself cannot run here) from the runtime's starting latents, against that pipeline
   uncompressed (itself compared with the ``cpu`` bundle: a parity check of the whole path);
+- the ``cpu`` bundle again with fewer steps (FEWER_STEPS), against its pictures at ``--steps``;
 - the same architecture with random weights (the ``cpu`` bundle of an untrained copy): what the judge says of noise.
 For each row: PSNR of its pictures against its reference's (one MSE over all pictures), the judge's adherence
 (pocketsd.shapes.judge: colour, shape, position and all three), and the UNet's stored weight bytes. Writes
@@ -26,7 +28,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +36,7 @@ import numpy as np
 
 from pocketsd.bench.activation_bounds import psnr
 from pocketsd.shapes.judge import adherence, judge
-from pocketsd.shapes.scenes import Scene, prompt_set
+from pocketsd.shapes.scenes import Scene, all_scenes, prompt_set
 
 LOWMEM_SCALED = {"vae_tiling": {"tile": 8, "overlap": 4, "group_norm": "image", "mid_block": "whole"},
                  "attention": {"form": "sliced", "slice_mb": 0.01}}
@@ -47,6 +49,7 @@ RECIPES = {
     "mixed 4/6-bit, 5.0 on average": {"mixed_bit": {"bits": [4, 6], "average_bits": 5.0, "min_psnr_db": 1}},
 }
 GRID = 10
+FEWER_STEPS = (10, 5)  # rows of the fp32 bundle run with fewer steps than --steps, compared with it
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,12 @@ def lowmem_preset(work: Path) -> Path:
 
 
 def bundle_images(bundle: Path, scenes: list[Scene], settings: Settings) -> np.ndarray:
+    """Every prompt's picture from ``bundle``. Its chunks stay open (``memory="resident"``) even where the preset
+    streams them (``cpu-lowmem``): streaming changes when a chunk is open, not what it computes, and reopening every
+    chunk at every step would take this bench from minutes to hours."""
     from pocketsd.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_bundle(bundle)
+    pipe = Pipeline.from_bundle(bundle, memory="resident")
     return np.stack([pipe(scene.caption, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                           seed=i, output_type="np") for i, scene in enumerate(scenes)])
 
@@ -161,16 +167,20 @@ def run(work: Path, settings: Settings) -> tuple[list[dict[str, Any]], dict[str,
     folder = model_folder()
     rows, grids = [], {}
 
-    def bundle_row(name: str, preset: str, model: str = "shapes", reference: np.ndarray | None = None) -> np.ndarray:
+    def bundle_row(name: str, preset: str, model: str = "shapes", reference: np.ndarray | None = None,
+                   bundle: Path | None = None, steps: int | None = None) -> np.ndarray:
         started = time.perf_counter()
-        bundle = export(model, preset, work / name.split(" ")[0])
-        images = bundle_images(bundle, scenes, settings)
+        bundle = bundle or export(model, preset, work / name.split(" ")[0])
+        images = bundle_images(bundle, scenes, settings if steps is None else replace(settings, steps=steps))
         rows.append(row(name, "bundle (onnxruntime)", images, scenes, reference,
                         component_disk_bytes(bundle)["unet"], started))
         grids[name] = images[:GRID]
         return images
 
     fp32 = bundle_row("cpu (fp32)", "cpu")
+    for steps in FEWER_STEPS:
+        if steps < settings.steps:
+            bundle_row(f"cpu (fp32), {steps} steps", "cpu", reference=fp32, bundle=work / "cpu", steps=steps)
     bundle_row("cpu-int8", "cpu-int8", reference=fp32)
     bundle_row("cpu-int4", "cpu-int4", reference=fp32)
     bundle_row("cpu-lowmem (tiles and slices scaled to 64²)", str(lowmem_preset(work)), reference=fp32)
@@ -216,11 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pocketsd.bench.shapes_quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="an empty folder for the bundles")
-    parser.add_argument("--prompts", type=int, default=120)
+    parser.add_argument("--prompts", type=int, default=len(all_scenes()),
+                        help="how many of the fixed prompt set's scenes (default: all, each once)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--out", type=Path, default=Path("results/shapes_quality"))
     args = parser.parse_args(argv)
+    if not 1 <= args.prompts <= len(all_scenes()):
+        raise SystemExit(f"--prompts is {args.prompts}: give 1 to {len(all_scenes())} (there are that many scenes)")
     if args.work.exists() and any(args.work.iterdir()):
         raise SystemExit(f"{args.work} is not empty: give a new folder (bundles are not reused)")
     args.work.mkdir(parents=True, exist_ok=True)

@@ -55,18 +55,23 @@ UNET_CONFIG = {"sample_size": IMAGE_SIZE // 4, "in_channels": 4, "out_channels":
 SCHEDULER_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                     "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
                     "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "timestep_spacing": "leading"}
+# The shipped sampler: DPM-Solver++(2M) on the training schedule. Over the first 120 prompts of the quality bench
+# (20 steps, guidance 7.5, the previous weights) PNDM, SD 1.5's default, drew 75 % of them right and DDIM, Euler and
+# DPM++ 2M 87-88 %: PNDM's first steps leave colours mixed (a green shape with a yellow rim) where the others don't.
+SAMPLER_CONFIG = {"_class_name": "DPMSolverMultistepScheduler", **{
+    key: value for key, value in SCHEDULER_CONFIG.items() if key not in ("skip_prk_steps", "set_alpha_to_one")}}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     threads: int = 2
-    vae_steps: int = 1200
+    vae_steps: int = 1000
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl: float = 1e-5
     pool: int = 24000  # drawn scenes whose latents the UNet trains on
-    unet_steps: int = 4000
+    unet_steps: int = 4700
     unet_batch: int = 64
     unet_lr: float = 5e-4
     warmup: int = 200
@@ -223,8 +228,9 @@ def train(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: bo
         vae.save_pretrained(staging / "vae", safe_serialization=True)
         unet.save_pretrained(staging / "unet", safe_serialization=True)
         text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True)
-        diffusers.PNDMScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(staging / "scheduler")
-        index = model_index(diffusers.__version__, "PNDMScheduler", "StableDiffusionPipeline", model_configs())
+        sampler = SAMPLER_CONFIG["_class_name"]
+        getattr(diffusers, sampler).from_config(SAMPLER_CONFIG).save_pretrained(staging / "scheduler")
+        index = model_index(diffusers.__version__, sampler, "StableDiffusionPipeline", model_configs())
         (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (staging / "training.json").write_text(json.dumps(
             {"command": "make train-tiny", "config": asdict(config), "seconds": round(time.perf_counter() - started),
@@ -234,10 +240,10 @@ def train(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: bo
 
 
 def model_configs() -> Any:
-    """The shapes model's configs as ``random_model`` takes them."""
+    """The shapes model's configs as ``random_model`` takes them (the shipped sampler's, not the training's)."""
     from pocketsd.export.random_model import ModelConfigs
 
-    return ModelConfigs(UNET_CONFIG, VAE_CONFIG, TEXT_ENCODER_CONFIG, SCHEDULER_CONFIG, arch="shapes")
+    return ModelConfigs(UNET_CONFIG, VAE_CONFIG, TEXT_ENCODER_CONFIG, SAMPLER_CONFIG, arch="shapes")
 
 
 def main(argv: list[str] | None = None) -> int:

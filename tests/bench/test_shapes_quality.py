@@ -1,5 +1,5 @@
 """The quality bench's parts on the shipped shapes model: its untrained twin, its scaled low-memory preset, its table
-(the 120-prompt run itself is `python -m pocketsd.bench.shapes_quality`, README "Quality on trained weights")."""
+(the 405-prompt run itself is `python -m pocketsd.bench.shapes_quality`, README "Quality on trained weights")."""
 
 from __future__ import annotations
 
@@ -40,3 +40,24 @@ def test_the_table_gives_every_attribute():
            "adherence": {"colour": 0.8583, "shape": 0.8333, "position": 0.9417, "all": 0.7333}}
     table = shapes_quality.markdown([row], shapes_quality.Settings(120, 20, 7.5))
     assert "| cpu-int8 | bundle | 4.95 MB | 32.4 dB | 86% | 83% | 94% | **73%** |" in table
+
+
+def test_the_untrained_twin_samples_as_the_trained_model_does(tmp_path: Path):
+    import json
+
+    from pocketsd.shapes import model_folder
+
+    twin = shapes_quality.untrained_copy(model_folder(), tmp_path / "twin")
+    config = json.loads((twin / "scheduler" / "scheduler_config.json").read_text())
+    shipped = json.loads((model_folder() / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == shipped["_class_name"] == "DPMSolverMultistepScheduler"
+    assert {k: config.get(k) for k in shipped if not k.startswith("_")} == \
+        {k: v for k, v in shipped.items() if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("prompts", ["0", "406", "-3"])
+def test_a_prompt_count_out_of_range_is_one_line(tmp_path: Path, prompts: str):
+    with pytest.raises(SystemExit, match=r"--prompts is -?\d+: give 1 to 405"):
+        shapes_quality.main(["--work", str(tmp_path / "w"), "--prompts", prompts, "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+

@@ -1,7 +1,7 @@
 """The training script still trains: a few steps of each stage write a folder diffusers loads (the shipped model, of
 the same architecture, is exported in test_shapes_model.py).
 
-It is not a check that the committed weights are reproduced bit for bit (that takes `make train-tiny`, 45 min)."""
+It is not a check that the committed weights are reproduced bit for bit (that takes `make train-tiny`, 40 min)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ def test_a_quick_run_writes_a_diffusers_folder(quick_model: Path):
     record = json.loads((quick_model / "training.json").read_text())
     assert record["config"]["unet_steps"] == QUICK.unet_steps and record["command"] == "make train-tiny"
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the VAE's own latents
+    # the shipped sampler is DPM++ 2M on the training's noise schedule (train.SAMPLER_CONFIG)
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.beta_end == 0.012
 
 
 def test_every_caption_word_is_one_token(quick_model: Path):
