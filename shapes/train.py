@@ -57,7 +57,7 @@ SCHEDULER_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "
                     "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "timestep_spacing": "leading"}
 # The shipped sampler: DPM-Solver++(2M) on the training schedule. Over the first 120 prompts of the quality bench
 # (20 steps, guidance 7.5, the previous weights) PNDM, SD 1.5's default, drew 75 % of them right and DDIM, Euler and
-# DPM++ 2M 87-88 %: PNDM's first steps leave colours mixed (a green shape with a yellow rim) where the others don't.
+# DPM++ 2M 87-88 %; PNDM's misses are mostly colours (the asked colour in 85 % of pictures, DPM++ 2M 95 %).
 SAMPLER_CONFIG = {"_class_name": "DPMSolverMultistepScheduler", **{
     key: value for key, value in SCHEDULER_CONFIG.items() if key not in ("skip_prk_steps", "set_alpha_to_one")}}
 
