@@ -84,18 +84,11 @@ class Row:
 
 
 def _model_folder(request: BenchRequest) -> str:
-    if request.model == "shapes":
-        from pocketsd.shapes import model_folder
+    from pocketsd.export.random_model import BUILTIN_MODELS, builtin_model_folder
 
-        return str(model_folder())
-    if request.model != "tiny":
+    if request.model not in BUILTIN_MODELS:
         return request.model
-    from pocketsd.export.random_model import builtin_configs, write_random_model
-
-    path = request.work / "tiny-model"
-    if not (path / "model_index.json").is_file():
-        write_random_model(path, builtin_configs("tiny"))
-    return str(path)
+    return str(builtin_model_folder(request.model, request.work))
 
 
 def _bundle(request: BenchRequest, model: str, size: int, uses: str, tick: Tick,

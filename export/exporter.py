@@ -30,6 +30,7 @@ from pocketsd.export.components.vae_decoder import HEAD_ID, HEAD_OUTPUT, HEAD_SP
 from pocketsd.export.lora import LoraFile, check_lora_files, fuse_loras
 from pocketsd.export.model_loader import ModelFolder, load_module, open_model_folder
 from pocketsd.export.preset import Preset
+from pocketsd.export.random_model import BUILTIN_MODELS, builtin_model_folder
 from pocketsd.export.read_back import check_scheduler, read_back
 from pocketsd.export.round_trip import round_trip
 from pocketsd.export.single_file import is_single_file, open_single_file
@@ -67,17 +68,10 @@ def _model_folder(request: ExportRequest, stack: ExitStack) -> tuple[ModelFolder
     if request.prediction_type is not None:
         raise ModelError(f"--prediction-type is for a single-file checkpoint; {model}'s scheduler config says what "
                          "its UNet predicts", "leave out --prediction-type", code="prediction-type")
-    if model == "tiny":
-        from pocketsd.export.random_model import builtin_configs, write_random_model
-
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pocketsd-tiny-")))
-        path = write_random_model(tmp / "tiny", builtin_configs("tiny"))
-        return open_model_folder(path, variant), {"source": "tiny (built-in random model)", "name": "tiny"}
-    if model == "shapes":
-        from pocketsd.shapes import model_folder
-
-        return open_model_folder(model_folder(), variant), {"source": "shapes (built-in trained model)",
-                                                            "name": "shapes"}
+    if model in BUILTIN_MODELS:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pocketsd-builtin-")))
+        return (open_model_folder(builtin_model_folder(model, scratch), variant),
+                {"source": BUILTIN_MODELS[model], "name": model})
     folder = open_model_folder(model, variant)
     return folder, {"source": str(Path(model).resolve()), "name": Path(model).resolve().name}
 

@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 ARCHS = ("tiny", "sd15", "tiny-sd21", "sd21", "tiny-inpaint", "sd15-inpaint", "tiny-turbo", "tiny-sdxl", "sdxl",
          "sdxl-turbo", "tiny-sdxl-turbo", "tiny-lcm", "sd15-lcm")
 SEED = 0
-# what --model takes besides a folder or a file: `tiny` is built from ARCHS' configs on use, `shapes` is trained and
-# shipped (pocketsd.shapes)
-BUILTIN_MODELS = ("tiny", "shapes")
+# what --model takes besides a folder or a file, and how the manifest names its source: `tiny` is built from ARCHS'
+# configs on use, `shapes` is trained and shipped (pocketsd.shapes)
+BUILTIN_MODELS = {"tiny": "tiny (built-in random model)", "shapes": "shapes (built-in trained model)"}
 
 
 @dataclass(frozen=True)
@@ -133,3 +133,18 @@ def write_random_model(out_dir: str | Path, configs: ModelConfigs) -> Path:
         log.info("building random %s model in %s", configs.arch, out_dir)
         _write_components(configs, staging)
     return Path(out_dir)
+
+
+def builtin_model_folder(name: str, scratch: Path) -> Path:
+    """The diffusers folder of the built-in model ``name`` (one of BUILTIN_MODELS): ``tiny`` is written under
+    ``scratch`` (once: a folder already there is reused), ``shapes`` is the shipped one."""
+    if name == "shapes":
+        from pocketsd.shapes import model_folder
+
+        return model_folder()
+    if name != "tiny":
+        raise ValueError(f"{name!r} is not a built-in model ({', '.join(BUILTIN_MODELS)})")
+    path = scratch / "tiny-model"
+    if not (path / "model_index.json").is_file():
+        write_random_model(path, builtin_configs("tiny"))
+    return path
