@@ -225,13 +225,15 @@ def _warm_cache(bundle: Path, progress: bool) -> None:
                     type(exc).__name__, " ".join(str(exc).split()), bundle)
 
 
-def _prepare(spec: ComponentSpec, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
+def _prepare(spec: ComponentSpec, model: Any, dims: Dims, preset: Preset, seed: int, scratch: Path) -> Prepared:
     """Attention form (every backend), then the backend's lossy step (CoreML compression, ONNX weight quantization),
-    before capture and cut so that chunks balance by their stored bytes."""
+    before capture and cut so that chunks balance by their stored bytes. ``scratch``: the export's staging folder,
+    for the step's large temporary files (the mixed-bit search's spill: beside the bundle, not in a /tmp that may
+    be memory)."""
     from pocketsd.export.components.attention import set_attention
 
     set_attention(model, preset.attention.form, slice_mb=preset.attention.slice_mb)
-    return backend_for(preset.backend).prepare(spec, model, dims, preset, seed)
+    return backend_for(preset.backend).prepare(spec, model, dims, preset, seed, scratch)
 
 
 def _write_with_torch(component_id: str, model: Any, dims: Dims, request: ExportRequest,
@@ -239,7 +241,7 @@ def _write_with_torch(component_id: str, model: Any, dims: Dims, request: Export
     """Prepare, capture and write one component's chunks: every torch object of the component lives and dies here."""
     preset = request.preset
     spec = component_spec(component_id, model, dims, preset)
-    prepared = _prepare(spec, model, dims, preset, request.seed)
+    prepared = _prepare(spec, model, dims, preset, request.seed, staging)
     captured = capture(spec, prepared.model, dims, seed=request.seed)
     written = write_component(captured, preset, staging, progress=request.progress,
                               weight_bytes=prepared.weight_bytes, compressed=prepared.compressed,

@@ -17,18 +17,19 @@ chunk-major (``chunk_major``): every chunk is opened once and runs all rows befo
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from pocketsd.errors import BundleError, GenerateError, UserError
+from pocketsd.heap import return_freed_memory_to_the_system
+from pocketsd.heap import trimmer as _heap_trimmer
 from pocketsd.runtime.manifest import Chunk, Manifest
 from pocketsd.runtime.sessions import BACKENDS, ChunkSession, SessionOptions, open_chunk
 
@@ -120,38 +121,12 @@ class ResidentPolicy(ExecutionPolicy):
         self._sessions.clear()
 
 
-def _glibc() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # another C library (musl): it has neither call
-        return None
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
 def _return_freed_memory_to_the_system() -> Callable[[], None]:
-    """Make the C allocator give freed chunk memory back, and return the call that trims what is left.
-
-    With its memory arena off, onnxruntime allocates with malloc. glibc raises its mmap threshold each time a large
-    mmapped block is freed, so after the first chunk the next chunks' buffers (up to 32 MB each) come from the heap,
-    and freed heap memory is kept by the process: measured on SD 1.5 at 512², 295 MB stayed resident between
-    chunks with one chunk open at a time. A fixed threshold plus ``malloc_trim`` after each chunk brought that to
-    135 MB and the whole generate's peak from 572 MB to about 410 MB. No library exposes these two calls."""
-    libc = _glibc()
-    if libc is None:
-        return lambda: None
-    libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-    libc.mallopt(_M_TRIM_THRESHOLD, 64 * 1024)
-    return _heap_trimmer()
-
-
-def _heap_trimmer() -> Callable[[], None]:
-    """The call that gives the C heap's free pages back to the system (glibc's ``malloc_trim``; else nothing)."""
-    libc = _glibc()
-    return (lambda: libc.malloc_trim(0)) if libc is not None else (lambda: None)
+    """With its memory arena off, onnxruntime allocates with malloc, and glibc keeps what a closed chunk freed
+    (pocketsd/heap.py): measured on SD 1.5 at 512², 295 MB stayed resident between chunks with one chunk open at a
+    time. A fixed threshold plus ``malloc_trim`` after each chunk brought that to 135 MB and the whole generate's
+    peak from 572 MB to about 410 MB."""
+    return return_freed_memory_to_the_system()
 
 
 class StreamPolicy(ExecutionPolicy):

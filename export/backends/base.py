@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -39,7 +40,8 @@ class Prepared:
     fp32: Fp32Reference | None = None  # the uncompressed outputs, where a lossy step ran before the cut
 
 
-Prepare = Callable[["ComponentSpec", Any, "Dims", "Preset", int], Prepared]
+# (spec, model, dims, preset, seed, scratch): scratch is a folder for large temporary files, on the bundle's disk
+Prepare = Callable[["ComponentSpec", Any, "Dims", "Preset", int, Path], Prepared]
 
 
 @dataclass(frozen=True)

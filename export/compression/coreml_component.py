@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,9 +51,10 @@ def stored_bytes_only(model: torch.nn.Module, precision: str) -> dict[str, int]:
 
 
 def compress_component(spec: ComponentSpec, model: torch.nn.Module, dims: Dims, config: CompressionConfig,
-                       precision: str, seed: int = 0) -> Compressed:
+                       precision: str, seed: int = 0, scratch: Path | None = None) -> Compressed:
     """Compress ``model`` as ``config`` says (an empty config compresses nothing), round it through fp16 where the
-    package computes in fp16, and gate the result against the fp32 model (``ParityError`` below the threshold)."""
+    package computes in fp16, and gate the result against the fp32 model (``ParityError`` below the threshold).
+    ``scratch``: where a mixed-bit search spills its palettes (default: ``tempfile``'s folder)."""
     if spec.subfolder == "vae":  # the decoder and the encoder share one VAE; compress a copy for this one
         model = copy.deepcopy(model)
     examples = example_inputs(spec, dims, seed)
@@ -60,7 +62,8 @@ def compress_component(spec: ComponentSpec, model: torch.nn.Module, dims: Dims, 
     fp32_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if config.mixed_bit is not None:
         # with autograd on: the search ranks layers by a gradient estimate of their effect on the output
-        layers, mixed = choose_mixed_bits(model, lambda m: as_outputs(spec.make_wrapper(m).eval()(*examples)), config)
+        layers, mixed = choose_mixed_bits(model, lambda m: as_outputs(spec.make_wrapper(m).eval()(*examples)), config,
+                                          scratch=scratch)
     else:
         layers, mixed = resolve_layers(model, config), None
     compress(model, layers)  # a no-op for layers the mixed-bit search already left in their chosen state

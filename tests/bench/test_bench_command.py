@@ -65,9 +65,11 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
 def test_bench_measures_contenders_interleaved(tiny_model_dir: Path, tiny_bundle: Path, tmp_path: Path,
                                                recorded: list[tuple[str, str]]):
+    """One run with every section, batch one included (its own export, pocketsd's chunked contenders only)."""
     work = _work_with_bundle(tmp_path, tiny_bundle)
     ticks: list[str] = []
-    result = run_bench(_request(tiny_model_dir, work, ["pocketsd-onnxruntime", "diffusers-torch"]), ticks.append)
+    request = _request(tiny_model_dir, work, ["pocketsd-onnxruntime", "diffusers-torch"])
+    result = run_bench(BenchRequest(**{**request.__dict__, "batch_one": True}), ticks.append)
     rows = {r["contender"]: r for r in result["resolutions"][0]["rows"]}
     ours, torch_row = rows["pocketsd-onnxruntime"], rows["diffusers-torch"]
     for row in (ours, torch_row):
@@ -89,36 +91,16 @@ def test_bench_measures_contenders_interleaved(tiny_model_dir: Path, tiny_bundle
     assert result["machine"]["logical_cores"] >= 1 and "onnxruntime" in result["machine"]["versions"]
     calls = [name for name, op in recorded if op == "call"]
     # pocketsd alone (a warm-up, 3 calls), then the peer beside a pace worker of pocketsd: a warm-up each as it
-    # starts, then the timed calls alternate A B A B A B (race.py)
-    assert calls == ["pocketsd-onnxruntime"] * 5 + ["diffusers-torch"] + ["pocketsd-onnxruntime", "diffusers-torch"] * 3
+    # starts, then the timed calls alternate A B A B A B (race.py); then batch one: pocketsd alone again
+    ours_alone, race_pair = ["pocketsd-onnxruntime"] * 5, ["pocketsd-onnxruntime", "diffusers-torch"] * 3
+    assert calls == ours_alone + ["diffusers-torch"] + race_pair + ["pocketsd-onnxruntime"] * 4
     assert torch_row["vs_fastest"]["interleaved"] and len(torch_row["vs_fastest"]["pocketsd_call_s"]) == 3
     assert ticks and ticks[-1] == "matmul ceiling"
 
-    out = tmp_path / "out"
-    write_results(result, out, "pocketsd bench --model tiny")
-    assert json.loads((out / "result.json").read_text())["contenders"] == ["pocketsd-onnxruntime", "diffusers-torch"]
-    table = (out / "result.md").read_text()
-    assert "| pocketsd-onnxruntime | 4 |" in table and "pocketsd-onnxruntime vs diffusers-torch" in table
-    assert "faster (interleaved: " in table
-    (cold,) = [line for line in table.splitlines() if "cold start" in line]
-    assert cold.startswith("- pocketsd-onnxruntime: cold start") and ", first load on a machine without its cache " \
-        f"{ours['first_load_no_cache_s']:.2f} s" in cold
-    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(out.glob(".*tmp*"))
-
-
-def test_batch_one_times_pocketsds_chunked_unet_on_a_batch_one_export(tiny_model_dir: Path, tiny_bundle: Path,
-                                                                       tmp_path: Path, recorded):
-    work = _work_with_bundle(tmp_path, tiny_bundle)
-    request = _request(tiny_model_dir, work, ["pocketsd-onnxruntime", "onnxruntime"])
-    result = run_bench(BenchRequest(**{**request.__dict__, "steps": 0, "batch_one": True}), lambda _: None)
     section = result["batch_one"]
     bundle = section["bundles"]["batch1"]
     assert bundle["export"]["exit_code"] == 0 and bundle["dims"]["unet_batch"] == 1
     assert "unet_batch: 1" in (work / "cpu-batch1.yaml").read_text()
-    rows = {r["contender"]: r for r in result["resolutions"][0]["rows"]}
-    assert rows["pocketsd-onnxruntime"]["first_load_no_cache_s"] > 0  # with steps 0 too: it is a load, no generate
-    assert "first_load_no_cache_s" not in rows["onnxruntime"]
     (row,) = section["rows"]  # pocketsd's chunked contenders only: the peers are not timed again
     assert "first_load_no_cache_s" not in row
     assert row["contender"] == "pocketsd-onnxruntime" and "error" not in row, row
@@ -129,9 +111,20 @@ def test_batch_one_times_pocketsds_chunked_unet_on_a_batch_one_export(tiny_model
     # the fp32 ceiling measured just before and just after the batch-1 calls (no bf16 contender: no bf16 ceiling)
     assert [c["engine"] for c in section["matmul_ceiling"]["onnxruntime"]] == ["onnxruntime"] * 2
     assert "openvino-bf16" not in section["matmul_ceiling"]
-    table = markdown(result, "pocketsd bench")
+
+    out = tmp_path / "out"
+    write_results(result, out, "pocketsd bench --model tiny")
+    assert json.loads((out / "result.json").read_text())["contenders"] == ["pocketsd-onnxruntime", "diffusers-torch"]
+    table = (out / "result.md").read_text()
+    assert "| pocketsd-onnxruntime | 4 |" in table and "pocketsd-onnxruntime vs diffusers-torch" in table
+    assert "faster (interleaved: " in table
     assert "## 128×128, UNet batch 1" in table
     assert "Large MatMul just before and after these calls: onnxruntime" in table
+    (cold,) = [line for line in table.splitlines() if "cold start" in line]
+    assert cold.startswith("- pocketsd-onnxruntime: cold start") and ", first load on a machine without its cache " \
+        f"{ours['first_load_no_cache_s']:.2f} s" in cold
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*tmp*"))
 
 
 def test_a_contender_that_dies_mid_run_is_reported_and_the_others_finish(
@@ -153,6 +146,7 @@ def test_a_contender_that_dies_mid_run_is_reported_and_the_others_finish(
     assert "\n" not in rows["onnxruntime"]["error"]
     assert rows["optimum"]["skipped"].startswith("optimum is not installed")
     assert len(rows["pocketsd-onnxruntime"]["unet_call_s"]["all"]) == 3 and "error" not in rows["pocketsd-onnxruntime"]
+    assert rows["pocketsd-onnxruntime"]["first_load_no_cache_s"] > 0  # with steps 0 too: it is a load, no generate
     table = markdown(result, "pocketsd bench")
     assert "FAILED: worker exited (code 3) during call" in table and "skipped: optimum is not installed" in table
 

@@ -93,20 +93,34 @@ def test_compression_happens_before_the_cut(tiny_model_dir: Path, tmp_path: Path
     assert "compression: palettize:2" in capsys.readouterr().out
 
 
-def test_mixed_bit_recipe_meets_its_budget_and_inspect_shows_it(tiny_model_dir: Path, tmp_path: Path):
-    """The recipe as the exporter runs it (the report is what goes into the manifest's compression entry)."""
+def test_mixed_bit_recipe_meets_its_budget_and_inspect_shows_it(tiny_model_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    """The recipe as the exporter runs it (the report is what goes into the manifest's compression entry), its
+    palettes spilled to the scratch folder it is given (an export gives its staging folder)."""
     from pocketsd.export.components import SD_COMPONENTS
+    from pocketsd.export.compression import mixed_bit
     from pocketsd.export.compression.coreml_component import compress_component
     from pocketsd.export.exporter import resolve_dims
     from pocketsd.export.model_loader import load_module, open_model_folder
     from pocketsd.runtime.describe import _notes
 
+    folders = []
+    real_spill = mixed_bit._Spill
+
+    def spill(folder):
+        folders.append(folder)
+        return real_spill(folder)
+
+    monkeypatch.setattr(mixed_bit, "_Spill", spill)
     preset = load_preset(str(preset_file(tmp_path, (
         "backend: coreml\nprecision: fp16\nunet_batch: 1\ncoreml:\n  deployment_target: iOS17\n  compression:\n"
         "    unet:\n      mixed_bit: {bits: [4, 6, 8], min_psnr_db: 40}\n"))))
     folder = open_model_folder(tiny_model_dir)
+    scratch = tmp_path / "staging"
+    scratch.mkdir()
     done = compress_component(SD_COMPONENTS["unet"], load_module(folder, "unet"), resolve_dims(folder, preset),
-                              preset.coreml.compression["unet"], "fp16")
+                              preset.coreml.compression["unet"], "fp16", scratch=scratch)
+    assert folders == [scratch] and not list(scratch.iterdir())  # unlinked as it is made: nothing is ever left
     report = done.report
     assert report["psnr_db"] >= 40 and report["mixed_bit"]["psnr_db"] >= 40
     assert sum(report["mixed_bit"]["bits_histogram"].values()) == report["layers"] > 0

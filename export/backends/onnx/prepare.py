@@ -3,6 +3,7 @@ before the cut and gated against fp32 (export/compression/onnx_weights.py); othe
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pocketsd.export.backends.base import Prepared
@@ -10,7 +11,7 @@ from pocketsd.export.components import ComponentSpec, Dims
 from pocketsd.export.preset import Preset
 
 
-def prepare(spec: ComponentSpec, model: Any, dims: Dims, preset: Preset, seed: int) -> Prepared:
+def prepare(spec: ComponentSpec, model: Any, dims: Dims, preset: Preset, seed: int, scratch: Path) -> Prepared:
     config = preset.quantize.get(spec.settings_id)
     if config is None:
         return Prepared(model)
