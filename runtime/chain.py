@@ -32,7 +32,7 @@ class ComponentRunner:
         self.component = component
         self.policy = policy
         self._release = self._last_uses()
-        policy.prepare(component.chunks)  # resident: every chunk opened (and hash-checked) now, as before
+        policy.prepare(component)  # resident: every chunk (or the whole component) opened and hash-checked now
 
     @classmethod
     def open(cls, bundle_dir: Path, component: Component, options: SessionOptions,
@@ -76,6 +76,10 @@ class ComponentRunner:
         """Several input sets through the chain chunk-major: each chunk is used once for all of them (opened once
         under stream/prefetch) before the next. Each result equals a call with that input set alone."""
         values = [self._bind(row) for row in rows]
+        whole = self.policy.run_whole(self.component, [{spec.name: v[f"input:{spec.name}"]
+                                                        for spec in self.component.inputs} for v in values])
+        if whole is not None:
+            return [{spec.name: out[spec.name] for spec in self.component.outputs} for out in whole]
         chunks = self.component.chunks
         for i, (chunk, release) in enumerate(zip(chunks, self._release)):
             following = chunks[i + 1] if i + 1 < len(chunks) else self.policy.after_last(chunks[0])

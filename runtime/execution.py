@@ -4,7 +4,9 @@ Chunking a model saves memory only if the chunks are not all alive at once. A po
 pipeline (all components share one policy) and runs chunks on request; the chunk chain (chain.py) never holds a
 session itself.
 
-- ``resident`` (the default): each chunk is opened once and kept. Peak memory = all weights; no reopen cost.
+- ``resident`` (the default): each chunk is opened once and kept. Peak memory = all weights; no reopen cost. Where
+  the engine can join a component's chunks into one model (OpenVINO: openvino_session.merged_model), the component
+  is opened as one session instead, and the cuts cost nothing.
 - ``stream``: a chunk is opened, run and released, in every component, so at most one chunk session is alive in
   the whole process. Peak memory = the largest chunk (plus activations); every use pays an open.
 - ``prefetch``: as ``stream``, but while a chunk runs the next one is opened on a background thread, so at most two
@@ -30,12 +32,13 @@ import numpy as np
 from pocketsd.errors import BundleError, GenerateError, UserError
 from pocketsd.heap import return_freed_memory_to_the_system
 from pocketsd.heap import trimmer as _heap_trimmer
-from pocketsd.runtime.manifest import Chunk, Manifest
-from pocketsd.runtime.sessions import BACKENDS, ChunkSession, SessionOptions, open_chunk
+from pocketsd.runtime.manifest import Chunk, Component, Manifest
+from pocketsd.runtime.sessions import BACKENDS, ChunkSession, SessionOptions, open_chunk, open_component
 
 log = logging.getLogger(__name__)
 
 Opener = Callable[[Chunk], ChunkSession]
+WholeOpener = Callable[[Component], "ChunkSession | None"]  # a session for a whole component, where one can be made
 Feeds = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 
@@ -43,6 +46,12 @@ Outputs = dict[str, np.ndarray]
 def chunk_opener(bundle_dir: str | Path, options: SessionOptions) -> Opener:
     """Open (after verifying its files once per process) one chunk of the bundle at ``bundle_dir``."""
     return partial(open_chunk, Path(bundle_dir), options=options)
+
+
+def component_opener(bundle_dir: str | Path, options: SessionOptions) -> WholeOpener:
+    """One session for a whole component of the bundle at ``bundle_dir``, where its engine can join the chunks
+    (sessions.open_component), else None."""
+    return partial(open_component, Path(bundle_dir), options=options)
 
 
 class ExecutionPolicy:
@@ -56,8 +65,13 @@ class ExecutionPolicy:
         self._hinted = False
         self._hint: Chunk | None = None
 
-    def prepare(self, chunks: Sequence[Chunk]) -> None:
+    def prepare(self, component: Component) -> None:
         """A component's runner is being made: resident opens (and verifies) its chunks now, the others on use."""
+
+    def run_whole(self, component: Component, feeds: Sequence[Feeds]) -> list[Outputs] | None:
+        """Run all of ``component`` once per feed dict (its inputs in, its outputs out) where this policy holds one
+        session for the whole of it; else None, and the runner chains the chunks."""
+        return None
 
     def run(self, chunk: Chunk, following: Chunk | None, feeds: Sequence[Feeds]) -> list[Outputs]:
         """Run ``chunk`` once per feed dict. ``following`` is the chunk the pipeline will need next, if known."""
@@ -84,9 +98,12 @@ class ExecutionPolicy:
 class ResidentPolicy(ExecutionPolicy):
     name = "resident"
 
-    def __init__(self, opener: Opener, low_memory: bool = False, open_workers: int = 1) -> None:
+    def __init__(self, opener: Opener, low_memory: bool = False, open_workers: int = 1,
+                 whole: WholeOpener | None = None) -> None:
         super().__init__(opener)
         self._sessions: dict[str, ChunkSession] = {}
+        self._whole = whole  # one session per component where the engine joins chunks (OpenVINO), else chunk by chunk
+        self._wholes: dict[str, ChunkSession] = {}
         self._open_workers = open_workers  # chunks of one component opened at once (``prepare``)
         # Sessions without a memory arena (``low_memory``) allocate their tensors with malloc, and glibc keeps freed
         # heap pages, fragmented between live blocks, so the VAE decode came on top of the UNet's leftovers: SD 1.5
@@ -95,9 +112,17 @@ class ResidentPolicy(ExecutionPolicy):
         # here (9.4 s per step), so only the trim.
         self._trim = _heap_trimmer() if low_memory else (lambda: None)
 
-    def prepare(self, chunks: Sequence[Chunk]) -> None:
-        """Open every chunk not yet open: in order, or ``open_workers`` at a time (see ``make_policy``)."""
-        missing = [c for c in chunks if c.id not in self._sessions]
+    def prepare(self, component: Component) -> None:
+        """Open the whole component as one session where the engine can (``whole``); else every chunk not yet open:
+        in order, or ``open_workers`` at a time (see ``make_policy``)."""
+        if component.id in self._wholes:
+            return
+        if self._whole is not None:
+            session = self._whole(component)
+            if session is not None:
+                self._wholes[component.id] = session
+                return
+        missing = [c for c in component.chunks if c.id not in self._sessions]
         if self._open_workers <= 1 or len(missing) <= 1:
             for chunk in missing:
                 self._session(chunk)
@@ -117,8 +142,17 @@ class ResidentPolicy(ExecutionPolicy):
         self._trim()
         return outputs
 
+    def run_whole(self, component: Component, feeds: Sequence[Feeds]) -> list[Outputs] | None:
+        session = self._wholes.get(component.id)
+        if session is None:
+            return None
+        outputs = [session.run(f) for f in feeds]
+        self._trim()
+        return outputs
+
     def close(self) -> None:
         self._sessions.clear()
+        self._wholes.clear()
 
 
 def _return_freed_memory_to_the_system() -> Callable[[], None]:
@@ -245,11 +279,13 @@ def default_memory(manifest: Manifest, preset_memory: str) -> str:
     return "stream"
 
 
-def make_policy(name: str, opener: Opener, low_memory: bool = False, open_workers: int = 1) -> ExecutionPolicy:
+def make_policy(name: str, opener: Opener, low_memory: bool = False, open_workers: int = 1,
+                whole: WholeOpener | None = None) -> ExecutionPolicy:
     """The named policy; ``low_memory`` (sessions without a memory arena) makes a resident one trim the C heap, and
-    a resident one opens a component's chunks ``open_workers`` at a time (the engine's choice, pipeline.py)."""
+    a resident one opens a component's chunks ``open_workers`` at a time (the engine's choice, pipeline.py), or the
+    whole component as one session where ``whole`` makes one."""
     policy = POLICIES[check_memory(name)]
-    return ResidentPolicy(opener, low_memory, open_workers) if policy is ResidentPolicy else policy(opener)
+    return ResidentPolicy(opener, low_memory, open_workers, whole) if policy is ResidentPolicy else policy(opener)
 
 
 def check_streamable(manifest: Manifest, memory: str) -> None:

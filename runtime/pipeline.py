@@ -23,7 +23,14 @@ from pocketsd.contract import MAX_IMAGES, TEXT_ENCODER_IO, UNET_IO, VAE_DECODER_
 from pocketsd.errors import BundleError, GenerateError
 from pocketsd.runtime.chain import ComponentRunner
 from pocketsd.runtime.conditioning import Encoded, TextConditioning, is_lcm, is_sdxl
-from pocketsd.runtime.execution import check_memory, check_streamable, chunk_opener, default_memory, make_policy
+from pocketsd.runtime.execution import (
+    check_memory,
+    check_streamable,
+    chunk_opener,
+    component_opener,
+    default_memory,
+    make_policy,
+)
 from pocketsd.runtime.images import image_to_array, to_pil
 from pocketsd.runtime.inpaint import Inpainting, latent_mask, mask_to_array
 from pocketsd.runtime.json_fields import REEXPORT, Field
@@ -57,7 +64,7 @@ class Pipeline:
         self.decoder_head = decoder_head(manifest)  # checked at load, not after the last denoising step
         self.options = replace(options, transient=memory != "resident")
         self.policy = make_policy(memory, chunk_opener(self.bundle_dir, self.options), self.options.low_memory,
-                                  open_workers(self.options.engine))
+                                  open_workers(self.options.engine), component_opener(self.bundle_dir, self.options))
         self._runners: dict[str, ComponentRunner] = {}
         self.text = TextConditioning(self.bundle_dir, manifest, self.runner, self._expect)
         self.tokenizer = self.text.tokenizer

@@ -35,7 +35,7 @@ from pocketsd.runtime.hashing import (
     staging_for,
     used,
 )
-from pocketsd.runtime.manifest import Chunk, Manifest
+from pocketsd.runtime.manifest import Chunk, Component, Manifest
 from pocketsd.runtime.onnx_refs import check_chunk_refs
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,14 @@ def onnx_session_options(options: SessionOptions, chunk: Chunk | None = None) ->
     so.intra_op_num_threads = options.threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # Each session has a thread pool of its own, whose threads keep spinning for a while after a run, waiting for
+    # more work. In a chain the next run is another session's, and those spinning threads took the cores from it:
+    # SD 1.5 at 256², UNet batch 2, one process, 12 calls interleaved, 4 chunks took 1.071× the time of 1 chunk;
+    # with the spin stopped as each run returns (it still spins within a run), 1.026×, and the unchunked session
+    # kept its speed (1.002×). Spinning off altogether: 1.050×, and the unchunked session 2 % slower. A process-wide
+    # thread pool did as well (1.014×), but onnxruntime then refuses every session in the process (the exporter's,
+    # a user's) that keeps threads of its own.
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     if options.low_memory or options.transient:
         so.enable_cpu_mem_arena = False
         so.enable_mem_pattern = False
@@ -304,8 +312,8 @@ def _onnx_open(bundle_dir: Path, chunk: Chunk, options: SessionOptions) -> Chunk
     if options.engine != ORT_ENGINE:
         from pocketsd.runtime.openvino_session import OpenVinoSession
 
-        return OpenVinoSession(bundle_dir / chunk.file.path, chunk, options.threads,
-                               bf16=options.engine == OPENVINO_BF16)
+        return OpenVinoSession.chunk(bundle_dir / chunk.file.path, chunk, options.threads,
+                                     bf16=options.engine == OPENVINO_BF16)
     graph = onnx_graph(bundle_dir, chunk)
     return OnnxSession(graph, options, chunk, _graph_entry(graph, chunk, options))
 
@@ -340,7 +348,8 @@ def open_workers(engine: str) -> int:
     """How many chunks of a component to open at once. OpenVINO compiles two at a time in less time than one after
     the other (SD 1.5 cpu at 512², the UNet's four chunks, no caches, alternated: 3.23-3.29 s vs 4.50-4.97 s);
     onnxruntime took longer (8.9-10.5 s vs 3.8-6.7 s for every chunk: two sessions building their weights fault the
-    same process's memory at once)."""
+    same process's memory at once). (Resident OpenVINO components of several chunks are now compiled as one model
+    instead: open_component.)"""
     return 1 if engine == ORT_ENGINE else 2
 
 
@@ -370,6 +379,24 @@ def open_chunk(bundle_dir: Path, chunk: Chunk, options: SessionOptions) -> Chunk
         check_chunk_refs(bundle_dir, chunk)
     log.debug("opening %s (%s)", chunk.id, chunk.file.path)
     return BACKENDS.get(chunk.format).open(bundle_dir, chunk, options)
+
+
+def open_component(bundle_dir: Path, component: Component, options: SessionOptions) -> ChunkSession | None:
+    """One session for all of ``component``'s chunks, where the engine can join them into one model (OpenVINO:
+    openvino_session.merged_model, after every chunk's files are verified); None where it cannot (onnxruntime, other
+    formats) or need not (one chunk): the component's chunks are then opened one by one."""
+    chunks = component.chunks
+    if options.engine == ORT_ENGINE or len(chunks) < 2 or any(c.format != "onnx" for c in chunks):
+        return None
+    for chunk in chunks:
+        if options.verify_hashes:
+            verify_chunk(bundle_dir, chunk, options.disk_cache)
+        else:
+            check_chunk_refs(bundle_dir, chunk)
+    from pocketsd.runtime.openvino_session import OpenVinoSession
+
+    log.debug("opening %s's %d chunks as one model", component.id, len(chunks))
+    return OpenVinoSession.component(bundle_dir, component, options.threads, bf16=options.engine == OPENVINO_BF16)
 
 
 def graph_cache_chunks(bundle_dir: Path, manifest: Manifest, options: SessionOptions = SessionOptions()) -> list[Chunk]:
