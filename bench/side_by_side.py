@@ -2,13 +2,13 @@
 
 For each resolution: the bundles are exported from the model (a child process each: wall time, peak RSS); every
 contender (contenders.py) is started in its own worker process, loaded twice (cold: the first load in a fresh
-process; warm: a reload in the same process), warmed up, and then the UNet calls of all contenders that fit in memory
-together are interleaved — A B C A B C … — so that a drifting machine slows them alike: pocketsd's contenders first,
-then the peers, each group of peers beside a fresh worker of the fastest pocketsd contender (race.py says why). The
-result says which group each was in. End-to-end generation runs each contender alone in a fresh process, whose
-peak RSS (VmHWM) is the configuration's; pocketsd on onnxruntime also loads alone in one with an empty cache folder
-(a bundle copied to a new machine). The UNet's FLOPs are counted from its graph, and a large fp32 MatMul gives the
-machine's ceiling in the same run.
+process; warm: a reload in the same process), warmed up, and then the UNet calls of all contenders that fit in
+memory together are interleaved — A B C, C B A, A B C … — so that a drifting machine slows them alike: pocketsd's
+contenders first, then the peers, each group of peers beside a fresh worker of the fastest pocketsd contender
+(race.py says why). The result says which group each was in. End-to-end generation runs each contender alone in a
+fresh process, whose peak RSS (VmHWM) is the configuration's; pocketsd on onnxruntime also loads alone in one with
+an empty cache folder (a bundle copied to a new machine). The UNet's FLOPs are counted from its graph, and a large
+fp32 MatMul gives the machine's ceiling in the same run.
 
 A contender that is not installed is reported as skipped with the reason; one that fails mid-run is reported with
 its one-line error, and the others finish.

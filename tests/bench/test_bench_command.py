@@ -92,7 +92,8 @@ def test_bench_measures_contenders_interleaved(tiny_model_dir: Path, tiny_bundle
     calls = [name for name, op in recorded if op == "call"]
     # pocketsd alone (a warm-up, 3 calls), then the peer beside a pace worker of pocketsd: a warm-up each as it
     # starts, then the timed calls alternate A B A B A B (race.py); then batch one: pocketsd alone again
-    ours_alone, race_pair = ["pocketsd-onnxruntime"] * 5, ["pocketsd-onnxruntime", "diffusers-torch"] * 3
+    ours_alone, race_pair = ["pocketsd-onnxruntime"] * 5, ["pocketsd-onnxruntime", "diffusers-torch"]
+    race_pair = [*race_pair, *race_pair[::-1], *race_pair]  # each first in a round in turn
     assert calls == ours_alone + ["diffusers-torch"] + race_pair + ["pocketsd-onnxruntime"] * 4
     assert torch_row["vs_fastest"]["interleaved"] and len(torch_row["vs_fastest"]["pocketsd_call_s"]) == 3
     assert ticks and ticks[-1] == "matmul ceiling"

@@ -68,8 +68,10 @@ def test_every_peer_is_timed_beside_a_pace_worker_of_the_fastest_pocketsd_conten
                                                                                     calls: list[str]):
     rows = _race(tmp_path)
     twins, peers = "pocketsd-onnxruntime", ["pocketsd-onnxruntime-1chunk", "onnxruntime", "openvino"]
-    # pass 1: pocketsd and its unchunked twin interleaved; pass 2: the fastest of them (the unchunked one) as pace
-    assert calls == [twins, f"{twins}-1chunk", *[twins, f"{twins}-1chunk"] * 3, *peers, *peers * 3]
+    # pass 1: pocketsd and its unchunked twin interleaved; pass 2: the fastest of them (the unchunked one) as pace;
+    # after the warm-up calls, every round in the order opposite to the round before
+    pair = [twins, f"{twins}-1chunk"]
+    assert calls == [*pair, *pair, *pair[::-1], *pair, *peers, *peers, *peers[::-1], *peers]
     assert rows[twins].group == rows[f"{twins}-1chunk"].group == 1
     assert rows["onnxruntime"].group == rows["openvino"].group == 2
     assert rows[f"{twins}-1chunk"].call_s == [1.0] * 3  # the pace worker's calls are not the contender's figures
