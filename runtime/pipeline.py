@@ -11,6 +11,7 @@ same order and shapes as diffusers draws them.
 
 from __future__ import annotations
 
+import gc
 import logging
 import secrets
 from dataclasses import replace
@@ -21,6 +22,7 @@ import numpy as np
 
 from pocketsd.contract import MAX_IMAGES, TEXT_ENCODER_IO, UNET_IO, VAE_DECODER_IO, VAE_ENCODER_IO
 from pocketsd.errors import BundleError, GenerateError
+from pocketsd.heap import trimmer
 from pocketsd.runtime.chain import ComponentRunner
 from pocketsd.runtime.conditioning import Encoded, TextConditioning, is_lcm, is_sdxl
 from pocketsd.runtime.execution import (
@@ -94,9 +96,17 @@ class Pipeline:
         return cls(Path(path), manifest, options, memory)
 
     def close(self) -> None:
-        """Release every chunk session now (as garbage collection would); the pipeline cannot generate after."""
+        """Release every chunk session now (as garbage collection would), and give the freed memory back to the
+        system; the pipeline cannot generate after.
+
+        Without the trim, a pipeline opened after another was closed in the same process ran its UNet slower: glibc
+        kept the first one's freed heap, and the second one's weights were laid out in it. SD 1.5 at 256², OpenVINO
+        bf16, a worker process loading twice against plain OpenVINO on the same file, 16 alternating rounds: 0.971×
+        as fast, 1.001× with the trim (0.999× loading once)."""
         self.policy.close()
         self._runners.clear()
+        gc.collect()  # sessions still held by a reference cycle go now, before the trim
+        trimmer()()
 
     @property
     def default_scheduler(self) -> str:

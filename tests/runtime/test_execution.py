@@ -366,3 +366,22 @@ def test_a_bundle_too_large_to_keep_open_here_is_streamed(tiny_bundle: Path, mon
 def test_available_memory_is_read_on_this_machine():
     available = execution.available_memory()
     assert available is not None and 0 < available < 1 << 50
+
+
+def test_closing_a_pipeline_frees_its_sessions_then_trims_the_heap(tiny_bundle: Path, monkeypatch):
+    """A pipeline opened after another was closed ran slower on the first one's leftover heap (Pipeline.close): the
+    trim comes after every session of the closed pipeline is gone."""
+    import weakref
+
+    from pocketsd.runtime import pipeline as pipeline_module
+
+    pipe = Pipeline.from_bundle(tiny_bundle)
+    for component in pipe.manifest.components:
+        pipe.runner(component)
+    sessions = [weakref.ref(s) for s in pipe.policy._sessions.values()]
+    assert len(sessions) >= 4
+    alive_at_trim: list[int] = []
+    monkeypatch.setattr(pipeline_module, "trimmer",
+                        lambda: lambda: alive_at_trim.append(sum(ref() is not None for ref in sessions)))
+    pipe.close()
+    assert alive_at_trim == [0]
