@@ -105,7 +105,7 @@ def forget_digests() -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The on-disk caches, in one per-user folder (``cache_dir``): verified digests (below) and onnxruntime's optimized
-# graphs (sessions.py; OpenVINO's compiled models are not cached: openvino_session.py says why). POCKETSD_NO_CACHE=1,
+# graphs (graph_cache.py; OpenVINO's compiled models are not cached: openvino_session.py says why). POCKETSD_NO_CACHE=1,
 # or ``SessionOptions(disk_cache=False)``, turns both off: every process then hashes every file once and optimizes
 # every chunk, as before. Only chunks and files of CACHE_MIN_BYTES or more are cached: below that, a
 # hash or an optimization takes milliseconds, and the cache stays a few dozen entries per bundle.

@@ -18,7 +18,7 @@ manifest wires them, so that OpenVINO plans the whole UNet at once, as it would 
 0.327 s a call, merged 0.322 s, the unchunked file 0.318-0.320 s (within the calls' spread of the merged model).
 Streamed chunks are compiled one at a time, as before: they exist to bound memory.
 
-Compiled models are not cached on disk (onnxruntime's optimized graphs are: sessions.py). Measured on the SD 1.5
+Compiled models are not cached on disk (onnxruntime's optimized graphs are: graph_cache.py). Measured on the SD 1.5
 ``cpu`` bundle at 512² (every component opened, three alternated runs each): with OpenVINO's ``CACHE_DIR`` a later
 process loaded in 3.4-4.3 s instead of 5.8-8.1 s, but the first load took 18.8 s (a 4 GB blob written) and the cache
 took 4 GB of disk per bundle and engine; the weightless ``CACHE_MODE: OPTIMIZE_SIZE`` loaded in 6.1 s, no better than

@@ -8,12 +8,8 @@ CoreML chunk is opened.
 
 from __future__ import annotations
 
-import functools
 import gc
-import hashlib
-import json
 import logging
-import platform
 import sys
 import threading
 from dataclasses import dataclass, replace
@@ -24,16 +20,10 @@ import numpy as np
 
 from pocketsd.errors import BundleError
 from pocketsd.registry import Registry
+from pocketsd.runtime.graph_cache import cached_session, graph_entry
 from pocketsd.runtime.hashing import (
-    CACHE_MIN_BYTES,
-    cache_dir,
-    discard,
-    disk_cache_enabled,
     mismatched,
-    seal,
     sealed,
-    staging_for,
-    used,
 )
 from pocketsd.runtime.manifest import Chunk, Component, Manifest
 from pocketsd.runtime.onnx_refs import check_chunk_refs
@@ -137,7 +127,7 @@ def _register_shared_arena() -> None:
 class OnnxSession:
     def __init__(self, path: Path, options: SessionOptions, chunk: Chunk | None = None,
                  graph_cache: Path | None = None) -> None:
-        """``graph_cache``: the cache entry of this chunk's fully optimized graph (``_graph_entry``): opened if it is
+        """``graph_cache``: the cache entry of this chunk's fully optimized graph (``graph_entry``): opened if it is
         there, else written by this open."""
         import onnxruntime as ort
 
@@ -148,7 +138,7 @@ class OnnxSession:
             self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         else:
             size = chunk.weight_bytes if chunk is not None else 0
-            self._session = _cached_session(path, lambda: onnx_session_options(options, chunk), graph_cache, size)
+            self._session = cached_session(path, lambda: onnx_session_options(options, chunk), graph_cache, size)
         self._outputs = [o.name for o in self._session.get_outputs()]
         # An output array shares its buffer with onnxruntime, and a buffer from the arena keeps the whole arena
         # alive: the UNet's skip connections would pin every early chunk's arena until the last chunk. A copy
@@ -235,79 +225,6 @@ def onnx_graph(bundle_dir: Path, chunk: Chunk) -> Path:
     return bundle_dir / chunk.file.path
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# onnxruntime's fully optimized graphs, cached per user and machine (hashing.py's cache folder). Opening a chunk
-# optimizes it at ORT_ENABLE_ALL; the level-3 part of that (the NCHWc layout, which copies every conv weight into
-# blocks) is most of the open: on SD 1.5 cpu at 512², unet.01 (1 GB) opens in 1.67 s, 0.08 s at the level the
-# bundle's graph was stored at. The graph onnxruntime leaves (``optimized_model_filepath``) opens in 0.08-0.10 s, its
-# weights memory-mapped from the saved file, and gives the same outputs to the bit (max abs 0.0, all 4 UNet chunks).
-# It holds operators for this CPU's vector width and this onnxruntime version, so these are in its key, with the
-# sha256 of every chunk file (verified before). The first open writes it: a copy of the chunk's weights on disk
-# (3.4 GB for SD 1.5 cpu) and about 1.5 s per GB, once. Entries are sealed (hashing.seal): one whose files changed
-# since is rebuilt.
-
-_GRAPH = "model.onnx"
-
-
-@functools.cache
-def _cpu_id() -> str:
-    """What the optimized graph depends on: the CPU's architecture and instruction-set flags."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()} {' '.join(sorted(flags.split(':')[-1].split()))}"
-
-
-def _graph_entry(graph: Path, chunk: Chunk, options: SessionOptions) -> Path | None:
-    """Where this chunk's fully optimized graph is cached, or None where it is not: small chunks, caches turned off,
-    files not verified (the key, which holds the sha256 of every chunk file, would not vouch for them)."""
-    import onnxruntime as ort
-
-    if not (options.verify_hashes and disk_cache_enabled(options.disk_cache)):
-        return None
-    if sum(ref.bytes for ref in chunk.files) < CACHE_MIN_BYTES:
-        return None
-    key = [ort.__version__, _cpu_id(), "ORT_ENABLE_ALL", graph.name, [ref.sha256 for ref in chunk.files]]
-    return cache_dir() / "onnxruntime" / f"{chunk.id}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]}"
-
-
-def _cached_session(graph: Path, session_options: Callable[[], Any], entry: Path, size: int) -> Any:
-    """A session on the cached optimized graph at ``entry``; else one on ``graph`` that writes it there. Where the
-    write fails (a full disk), a plain session on ``graph``."""
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    so = session_options()
-    if sealed(entry):
-        used(entry)
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done when it was written
-        try:
-            return ort.InferenceSession(str(entry / _GRAPH), so, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - removed meanwhile by another process's prune: written again
-            log.info("%s: cached graph unusable (%s)", entry.name, exc)
-            so = session_options()
-    try:
-        staging = staging_for(entry, size)
-    except OSError as exc:  # the cache folder cannot be written
-        log.info("%s: optimized graph not cached (%s)", graph.name, exc)
-        staging = None
-    if staging is None:  # or the disk is nearly full: open as without a cache
-        return ort.InferenceSession(str(graph), so, providers=providers)
-    so.optimized_model_filepath = str(staging / _GRAPH)
-    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{_GRAPH}.data")
-    try:
-        session = ort.InferenceSession(str(graph), so, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - the cache must never stop a load; a bad graph fails again below
-        log.info("%s: optimized graph not cached (%s)", graph.name, exc)
-        discard(staging)
-        return ort.InferenceSession(str(graph), session_options(), providers=providers)
-    seal(staging, entry)
-    return session
-
-
 def _onnx_open(bundle_dir: Path, chunk: Chunk, options: SessionOptions) -> ChunkSession:
     if options.engine != ORT_ENGINE:
         from pocketsd.runtime.openvino_session import OpenVinoSession
@@ -315,7 +232,7 @@ def _onnx_open(bundle_dir: Path, chunk: Chunk, options: SessionOptions) -> Chunk
         return OpenVinoSession.chunk(bundle_dir / chunk.file.path, chunk, options.threads,
                                      bf16=options.engine == OPENVINO_BF16)
     graph = onnx_graph(bundle_dir, chunk)
-    return OnnxSession(graph, options, chunk, _graph_entry(graph, chunk, options))
+    return OnnxSession(graph, options, chunk, graph_entry(graph, chunk, options))
 
 
 def _coreml_open(bundle_dir: Path, chunk: Chunk, options: SessionOptions) -> ChunkSession:
@@ -400,10 +317,10 @@ def open_component(bundle_dir: Path, component: Component, options: SessionOptio
 
 
 def graph_cache_chunks(bundle_dir: Path, manifest: Manifest, options: SessionOptions = SessionOptions()) -> list[Chunk]:
-    """The ONNX chunks whose optimized graph onnxruntime's cache keeps (``_graph_entry``: caches on, hashes
+    """The ONNX chunks whose optimized graph onnxruntime's cache keeps (``graph_entry``: caches on, hashes
     verified, chunk large enough)."""
     return [chunk for component in manifest.components.values() for chunk in component.chunks
-            if chunk.format == "onnx" and _graph_entry(onnx_graph(bundle_dir, chunk), chunk, options) is not None]
+            if chunk.format == "onnx" and graph_entry(onnx_graph(bundle_dir, chunk), chunk, options) is not None]
 
 
 def warm_graph_cache(bundle_dir: Path, manifest: Manifest, options: SessionOptions = SessionOptions(),
@@ -418,7 +335,7 @@ def warm_graph_cache(bundle_dir: Path, manifest: Manifest, options: SessionOptio
         session = open_chunk(bundle_dir, chunk, options)
         del session  # its arena and weights go before the next chunk's
         gc.collect()
-        entry = _graph_entry(onnx_graph(bundle_dir, chunk), chunk, options)
+        entry = graph_entry(onnx_graph(bundle_dir, chunk), chunk, options)
         cached += entry is not None and sealed(entry)
         on_chunk(chunk)
     return cached

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.export
 
 from pocketsd.export.exporter import ExportRequest, export_bundle  # noqa: E402
 from pocketsd.export.preset import load_preset, preset_from_dict, preset_text  # noqa: E402
-from pocketsd.runtime import hashing, sessions  # noqa: E402
+from pocketsd.runtime import graph_cache, hashing, sessions  # noqa: E402
 from pocketsd.runtime.manifest import load_manifest  # noqa: E402
 from pocketsd.runtime.sessions import SessionOptions  # noqa: E402
 
@@ -31,7 +31,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv(hashing.NO_CACHE_ENV, raising=False)
     monkeypatch.setattr(hashing, "CACHE_MIN_BYTES", 0)
-    monkeypatch.setattr(sessions, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(graph_cache, "CACHE_MIN_BYTES", 0)
     monkeypatch.setattr(hashing, "_DIGESTS", {})
     return tmp_path / "xdg" / "pocketsd" / "onnxruntime"
 
@@ -50,7 +50,7 @@ def graph_entries(bundle: Path) -> dict[str, Path]:
     for component in load_manifest(bundle).components.values():
         for chunk in component.chunks:
             assert chunk.format == "onnx"
-            entry = sessions._graph_entry(sessions.onnx_graph(bundle, chunk), chunk, options)
+            entry = graph_cache.graph_entry(sessions.onnx_graph(bundle, chunk), chunk, options)
             assert entry is not None
             found[chunk.id] = entry
     return found

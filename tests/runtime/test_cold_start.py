@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pocketsd.errors import BundleError
-from pocketsd.runtime import execution, hashing, sessions
+from pocketsd.runtime import execution, graph_cache, hashing, sessions
 from pocketsd.runtime.manifest import load_manifest
 from pocketsd.runtime.pipeline import Pipeline
 from pocketsd.runtime.sessions import SessionOptions, open_chunk
@@ -39,7 +39,7 @@ def cache(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv(hashing.NO_CACHE_ENV, raising=False)
     monkeypatch.setattr(hashing, "CACHE_MIN_BYTES", 0)
-    monkeypatch.setattr(sessions, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(graph_cache, "CACHE_MIN_BYTES", 0)
     monkeypatch.setattr(hashing, "_DIGESTS", {})
     yield tmp_path / "xdg" / "pocketsd"
     background_checks_done()
@@ -152,7 +152,7 @@ def test_the_cached_optimized_graph_gives_the_same_picture(bundle: Path, cache: 
     assert all(hashing.sealed(p) for p in (cache / "onnxruntime").iterdir())
     later_process(monkeypatch)
     opened: list[str] = []
-    monkeypatch.setattr(sessions, "sealed", lambda entry: opened.append(entry.name) or hashing.sealed(entry))
+    monkeypatch.setattr(graph_cache, "sealed", lambda entry: opened.append(entry.name) or hashing.sealed(entry))
     read = generate(Pipeline.from_bundle(bundle, memory=memory))  # reads them
     assert opened and np.array_equal(written, want) and np.array_equal(read, want)
 
