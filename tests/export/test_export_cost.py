@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import weakref
@@ -141,6 +142,37 @@ def test_onnx_export_lets_go_of_the_weights(tmp_path):
     del model
     gc.collect()
     assert [w() is None for w in weights] == [True] * len(weights)
+
+
+def test_torch_builds_its_onnx_registry_once_and_writes_the_same_files(tmp_path, monkeypatch):
+    """write_onnx hands torch.onnx.export one torchlib registry per opset (convert.one_torchlib_registry): built
+    once, the files byte for byte those of a registry built per call, and torch's own method back in place after."""
+    from torch.onnx._internal.exporter import _registration
+
+    from pocketsd.export.backends.onnx import convert
+
+    original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    built: list[int] = []
+
+    def counting(cls, opset_version=_registration._constants.TORCHLIB_OPSET):
+        built.append(opset_version)
+        return original.__func__(cls, opset_version=opset_version)
+
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counting))
+    monkeypatch.setattr(convert, "_REGISTRIES", {})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).eval()
+    x = torch.randn(2, 8, 32)
+    folders = [tmp_path / str(i) for i in range(4)]
+    for folder in folders:
+        folder.mkdir()
+    files = [convert.write_onnx(model, [x], ["x"], ["y"], folder / "m.onnx")[0] for folder in folders[:3]]
+    assert len(built) == 1
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"].__func__ is counting
+    monkeypatch.setattr(convert, "one_torchlib_registry", contextlib.nullcontext)
+    files.append(convert.write_onnx(model, [x], ["x"], ["y"], folders[3] / "m.onnx")[0])
+    assert len(built) == 2
+    assert len({f.read_bytes() for f in files}) == 1
 
 
 def test_the_model_is_released_before_its_chunks_run(tiny_model_dir: Path, tmp_path, monkeypatch):
