@@ -50,13 +50,7 @@ def _row_line(row: dict[str, Any], gflop: float | None, ceiling: float) -> str:
                                       f"{agreement['max_abs']:.1e} max abs, {agreement['psnr_db']:.0f} dB")
     return (f"| {row['contender']} | {row.get('unet_chunks', '-')} | {_s(row.get('cold_load_s'))} | "
             f"{_s(row.get('warm_load_s'))} | {spread} | {gflops} | {same} | {_s(row.get('generate_s'), 1)} | "
-            f"{rss} GB{_on_huge_pages(row)} | {disk} | {row.get('group') or '-'} | {_state(row)} |")
-
-
-def _on_huge_pages(row: dict[str, Any]) -> str:
-    """How much of the worker's memory was on 2 MiB pages at its last call (pocketsd/huge_pages.py), if any."""
-    mb = row.get("huge_pages_mb")
-    return f" ({mb / 1e3:.1f} GB on 2 MiB pages)" if mb else ""
+            f"{rss} GB | {disk} | {row.get('group') or '-'} | {_state(row)} |")
 
 
 def _reference(size: dict[str, Any]) -> str:

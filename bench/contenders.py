@@ -8,15 +8,12 @@ threads and UNet inputs. ``uses`` says what it runs: the chunked bundle (the pre
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pocketsd.bench.worker_client import WorkerProcess
 from pocketsd.errors import UserError
-from pocketsd.huge_pages import as_given, with_huge_pages
 
 OPTIMUM_PYTHON_ENV = "POCKETSD_OPTIMUM_PYTHON"
 
@@ -29,23 +26,18 @@ class Contender:
     engine: str = ""  # pocketsd's engine for bundle kinds
     packages: tuple[str, ...] = ()  # import names it needs in our environment
     generates: bool = True  # runs end to end (the plain ONNX sessions are a UNet alone)
-    # Its process runs on 2 MiB pages (pocketsd/huge_pages.py): pocketsd's own, as its CLI runs; a peer runs in the
-    # environment the bench was started in, as its user would run it, except the control that shows what the pages
-    # alone are worth.
-    huge_pages: bool = False
 
 
 # "-1chunk": the same engine on the unchunked bundle, to show what chunking costs (UNet calls only).
 CONTENDERS = (
-    Contender("pocketsd-onnxruntime", "pocketsd", "chunked", "onnxruntime", ("onnxruntime",), huge_pages=True),
-    Contender("pocketsd-onnxruntime-1chunk", "pocketsd", "unchunked", "onnxruntime", ("onnxruntime",), False, True),
+    Contender("pocketsd-onnxruntime", "pocketsd", "chunked", "onnxruntime", ("onnxruntime",)),
+    Contender("pocketsd-onnxruntime-1chunk", "pocketsd", "unchunked", "onnxruntime", ("onnxruntime",), False),
     Contender("onnxruntime", "onnxruntime", "unchunked", packages=("onnxruntime",), generates=False),
-    Contender("pocketsd-openvino", "pocketsd", "chunked", "openvino", ("openvino",), huge_pages=True),
-    Contender("pocketsd-openvino-1chunk", "pocketsd", "unchunked", "openvino", ("openvino",), False, True),
-    Contender("pocketsd-openvino-bf16", "pocketsd", "chunked", "openvino-bf16", ("openvino",), huge_pages=True),
-    Contender("pocketsd-openvino-bf16-1chunk", "pocketsd", "unchunked", "openvino-bf16", ("openvino",), False, True),
+    Contender("pocketsd-openvino", "pocketsd", "chunked", "openvino", ("openvino",)),
+    Contender("pocketsd-openvino-1chunk", "pocketsd", "unchunked", "openvino", ("openvino",), False),
+    Contender("pocketsd-openvino-bf16", "pocketsd", "chunked", "openvino-bf16", ("openvino",)),
+    Contender("pocketsd-openvino-bf16-1chunk", "pocketsd", "unchunked", "openvino-bf16", ("openvino",), False),
     Contender("openvino", "openvino", "unchunked", packages=("openvino",), generates=False),
-    Contender("openvino-huge-pages", "openvino", "unchunked", packages=("openvino",), generates=False, huge_pages=True),
     Contender("diffusers-torch", "diffusers", "model", packages=("torch", "diffusers", "transformers")),
     Contender("optimum", "optimum", "optimum"),
 )
@@ -87,16 +79,3 @@ def worker_command(contender: Contender, spec_json: str, optimum: Path | None) -
     if contender.kind == "optimum":
         return [str(optimum), str(Path(__file__).with_name("optimum_worker.py")), spec_json]
     return [sys.executable, "-m", "pocketsd.bench.worker", spec_json]
-
-
-def worker_environment(contender: Contender) -> dict[str, str]:
-    """The environment of the contender's worker: the bench's own as its user gave it, on 2 MiB pages where the
-    contender runs on them."""
-    given = as_given(os.environ)
-    return with_huge_pages(given) if contender.huge_pages else given
-
-
-def worker_process(contender: Contender, spec: dict, optimum: Path | None, log: Path) -> WorkerProcess:
-    """Start the contender's worker on ``spec``, its stderr to ``log``."""
-    return WorkerProcess(contender.name, worker_command(contender, json.dumps(spec), optimum), log,
-                         env=worker_environment(contender))

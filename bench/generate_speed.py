@@ -4,8 +4,7 @@
         [--engine openvino] [--json out.json]
 
 Run it once per bundle in a fresh process: peak RSS (``getrusage``) covers the whole process, so a second bundle in
-the same process would report the first one's peak. Step times exclude the first step (warm-up). Run as a command,
-it starts itself again on 2 MiB pages where they apply, as ``pocketsd generate`` does (pocketsd/huge_pages.py).
+the same process would report the first one's peak. Step times exclude the first step (warm-up).
 
 With ``--memory stream`` or ``prefetch`` nothing stays loaded: ``load_s`` then covers the manifest, the tokenizer
 and hashing every chunk file once, and every step, encode and decode time includes opening its chunks (which is
@@ -25,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from pocketsd.bench.report import emit, peak_rss_bytes
-from pocketsd.huge_pages import restart_with_huge_pages
 from pocketsd.runtime.execution import MEMORY_POLICIES
 from pocketsd.runtime.sessions import ENGINES
 
@@ -95,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=ENGINES, default="onnxruntime", help="what runs the ONNX chunks")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    if argv is None:  # run as a command: on 2 MiB pages, as `pocketsd generate` runs (pocketsd/huge_pages.py)
-        restart_with_huge_pages()
     result = measure(args.bundle, args.steps, args.threads, args.scheduler, args.memory, args.engine)
     emit(result, args.json)
     return 0

@@ -17,12 +17,13 @@ different groups: their ratio was read across minutes of drift. Hence two passes
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from pocketsd.bench.admission import admission_units, fits_unit_now
-from pocketsd.bench.contenders import worker_process
+from pocketsd.bench.contenders import worker_command
 from pocketsd.bench.worker_client import WorkerError, WorkerProcess
 
 if TYPE_CHECKING:
@@ -39,8 +40,8 @@ def output_path(request: BenchRequest, row: Row, size: int) -> Path:
 def start(request: BenchRequest, row: Row, spec: dict, size: int, tick: Tick, log: str = "") -> WorkerProcess | None:
     """Start a contender's worker, load it twice and warm it up; None (with ``row.error``) if that failed."""
     name = row.contender.name
-    worker = worker_process(row.contender, spec, request.optimum_python,
-                            request.work / "logs" / f"{name}-{size}{log}.log")
+    worker = WorkerProcess(name, worker_command(row.contender, json.dumps(spec), request.optimum_python),
+                           request.work / "logs" / f"{name}-{size}{log}.log")
     try:
         info = worker.request("info")
         row.figures.update(describe=info.get("describe"), versions=info.get("versions"))
@@ -108,9 +109,7 @@ class _Group:
     def close(self) -> None:
         for row, worker in self.live:
             try:
-                stats = worker.request("stats")
-                row.figures["peak_rss_calls_mb"] = stats["peak_rss_mb"]
-                row.figures["huge_pages_mb"] = stats.get("huge_pages_mb", 0.0)  # optimum's worker has none
+                row.figures["peak_rss_calls_mb"] = worker.request("stats")["peak_rss_mb"]
             except WorkerError as exc:
                 row.error = row.error or str(exc)
             worker.close()

@@ -16,6 +16,7 @@ its one-line error, and the others finish.
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 from dataclasses import dataclass, field
@@ -23,12 +24,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pocketsd.bench.all_presets import run_child
-from pocketsd.bench.contenders import Contender, skip_reason, worker_process
+from pocketsd.bench.contenders import Contender, skip_reason, worker_command
 from pocketsd.bench.flops import component_flops, matmul_ceiling
 from pocketsd.bench.low_memory import component_disk_bytes
 from pocketsd.bench.machine import machine_info
 from pocketsd.bench.race import output_path, race
-from pocketsd.bench.worker_client import WorkerError
+from pocketsd.bench.worker_client import WorkerError, WorkerProcess
 from pocketsd.bench.worker_protocol import PROMPT
 from pocketsd.contract import UNET_IO
 from pocketsd.runtime.manifest import load_manifest
@@ -133,8 +134,8 @@ def _spec(request: BenchRequest, contender: Contender, model: str, size: int,
 
 def _optimum_export(request: BenchRequest, contender: Contender, spec: dict[str, Any], tick: Tick) -> dict[str, Any]:
     """optimum's own export of the model, in a worker of its own (its peak RSS is the export's), once per run."""
-    log = request.work / "logs" / "optimum-export.log"
-    with worker_process(contender, spec, request.optimum_python, log) as worker:
+    with WorkerProcess(contender.name, worker_command(contender, json.dumps(spec), request.optimum_python),
+                       request.work / "logs" / "optimum-export.log") as worker:
         try:
             answer = worker.request("export")
             info: dict[str, Any] = {"path": spec["export_dir"]}
@@ -174,8 +175,8 @@ def _agreement(request: BenchRequest, rows: list[Row], size: int) -> None:
 def _end_to_end(request: BenchRequest, row: Row, spec: dict, size: int, tick: Tick) -> None:
     """A fresh process that loads and generates once: end-to-end time and the configuration's peak RSS."""
     name = row.contender.name
-    with worker_process(row.contender, spec, request.optimum_python,
-                        request.work / "logs" / f"{name}-{size}-generate.log") as worker:
+    with WorkerProcess(name, worker_command(row.contender, json.dumps(spec), request.optimum_python),
+                       request.work / "logs" / f"{name}-{size}-generate.log") as worker:
         try:
             # a later process: what the runtime's on-disk caches (digests, optimized graphs) save on a second start
             row.figures["load_new_process_s"] = worker.request("load")["seconds"]
@@ -197,8 +198,8 @@ def _first_load_no_cache(request: BenchRequest, row: Row, spec: dict, size: int,
     never opened the bundle (one copied there), where the export has not warmed the cache as it does for
     ``cold_load_s``."""
     name = row.contender.name
-    with worker_process(row.contender, {**spec, "fresh_cache": True}, request.optimum_python,
-                        request.work / "logs" / f"{name}-{size}-no-cache.log") as worker:
+    command = worker_command(row.contender, json.dumps({**spec, "fresh_cache": True}), request.optimum_python)
+    with WorkerProcess(name, command, request.work / "logs" / f"{name}-{size}-no-cache.log") as worker:
         try:
             row.figures["first_load_no_cache_s"] = worker.request("load")["seconds"]
         except WorkerError as exc:

@@ -13,13 +13,13 @@ class WorkerError(Exception):
 
 
 class WorkerProcess:
-    def __init__(self, name: str, command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, command: list[str], log: Path) -> None:
         self.name = name
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         self._log_handle = log.open("w")
         self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=self._log_handle, text=True, bufsize=1, env=env)
+                                         stderr=self._log_handle, text=True, bufsize=1)
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and wait for its answer; WorkerError with one line if it failed."""

@@ -80,18 +80,7 @@ def memory_mb() -> dict[str, float]:
     except OSError:  # not Linux: getrusage's peak (bytes on macOS)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         fields["VmHWM"] = peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
-    return {"peak_rss_mb": round(fields.get("VmHWM", 0.0), 1), "rss_mb": round(fields.get("VmRSS", 0.0), 1),
-            "huge_pages_mb": round(_anon_huge_pages_mb(), 1)}
-
-
-def _anon_huge_pages_mb() -> float:
-    """How much of this process's memory is on transparent huge pages now (pocketsd/huge_pages.py), in MB."""
-    try:
-        with open("/proc/self/smaps_rollup") as rollup:
-            return next((int(line.split()[1]) * 1024 / 1e6 for line in rollup if line.startswith("AnonHugePages")),
-                        0.0)
-    except OSError:
-        return 0.0
+    return {"peak_rss_mb": round(fields.get("VmHWM", 0.0), 1), "rss_mb": round(fields.get("VmRSS", 0.0), 1)}
 
 
 def timed(run: Callable[[], Any]) -> float:

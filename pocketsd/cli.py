@@ -12,7 +12,6 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from pocketsd.contract import COMPUTE_UNITS, MAX_IMAGES
 from pocketsd.errors import GenerateError, OutputError, PresetError, UserError
-from pocketsd.huge_pages import restart_with_huge_pages
 
 
 class _Parser(argparse.ArgumentParser):
@@ -319,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG to write (with --num-images N > 1: OUT-1.png … OUT-N.png)")
     p.add_argument("--num-images", type=int, default=1, help="images from the one prompt, denoised as one batch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=cmd_generate, huge_pages=True)  # pocketsd/huge_pages.py
+    p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("apple-resources", help="lay a CoreML bundle out as the Resources folder of Apple's Swift "
                                                "StableDiffusionPipeline")
@@ -365,8 +364,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(exc.one_line(), file=sys.stderr)
         return 2
-    if argv is None and getattr(args, "huge_pages", False):  # the console command, not a call from Python
-        restart_with_huge_pages()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # on import off macOS it warns that it cannot run models, which we say where it matters

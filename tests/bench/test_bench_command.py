@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pocketsd.bench import contenders, side_by_side
+from pocketsd.bench import race, side_by_side
 from pocketsd.bench.bench_output import markdown, write_results
 from pocketsd.bench.contenders import CONTENDERS, by_names, skip_reason
 from pocketsd.bench.side_by_side import BenchRequest, run_bench
@@ -131,14 +131,14 @@ def test_bench_measures_contenders_interleaved(tiny_model_dir: Path, tiny_bundle
 def test_a_contender_that_dies_mid_run_is_reported_and_the_others_finish(
         tiny_model_dir: Path, tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     bench_dir = str(Path(side_by_side.__file__).parent)
-    real = contenders.worker_command
+    real = race.worker_command
 
     def command(contender, spec_json, optimum):
         if contender.name == "onnxruntime":
             return [sys.executable, "-c", DYING_WORKER.format(bench=bench_dir)]
         return real(contender, spec_json, optimum)
 
-    monkeypatch.setattr(contenders, "worker_command", command)
+    monkeypatch.setattr(race, "worker_command", command)
     work = _work_with_bundle(tmp_path, tiny_bundle)
     request = _request(tiny_model_dir, work, ["pocketsd-onnxruntime", "onnxruntime", "optimum"])
     result = run_bench(BenchRequest(**{**request.__dict__, "optimum_python": None, "steps": 0}), lambda _: None)

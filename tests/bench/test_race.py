@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from pocketsd.bench import contenders
 from pocketsd.bench import race as race_module
 from pocketsd.bench.bench_output import markdown
 from pocketsd.bench.contenders import by_names
@@ -44,7 +43,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             sent.append(self.name)
         return original(self, op, **fields)
 
-    monkeypatch.setattr(contenders, "worker_command", command)
+    monkeypatch.setattr(race_module, "worker_command", command)
     monkeypatch.setattr(WorkerProcess, "request", request)
     return sent
 
