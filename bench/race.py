@@ -5,9 +5,9 @@ MatMul has read 101 and 168 GFLOP/s at the two ends of one run), so the ratios t
 that interleaved. The order turns round every round because the worker called first in a round measured slower: two
 workers on the same OpenVINO bf16 UNet file (SD 1.5, 256², 16 rounds each way) read 0.985× with one of them always
 first and 1.023× with the other first, 0.999× alternating; the fixed order had put the pace worker (below) first in
-every round. Full-size workers take 6-10 GB each, so on a 24 GB box only
-about two run side by side, and grouping by memory alone put the fastest pocketsd configuration and plain OpenVINO in
-different groups: their ratio was read across minutes of drift. Hence two passes:
+every round. Full-size workers take 6-10 GB each, so on a 24 GB box only about two run side by side, and grouping
+by memory alone put the fastest pocketsd configuration and plain OpenVINO in different groups: their ratio was read
+across minutes of drift. Hence two passes:
 
 1. pocketsd's contenders, each with its ``-1chunk`` twin (admission.py), in as few groups as fit;
 2. the peers, each group led by a fresh worker of the fastest pocketsd contender of pass 1 (the *pace* worker), so

@@ -71,11 +71,12 @@ def one_torchlib_registry():
 
         registry_class = _registration.ONNXRegistry
         build = registry_class.__dict__["from_torchlib"]
+        default_opset = _registration._constants.TORCHLIB_OPSET
     except (ImportError, AttributeError, KeyError):
         yield
         return
 
-    def cached(cls: type, opset_version: int = _registration._constants.TORCHLIB_OPSET) -> Any:
+    def cached(cls: type, opset_version: int = default_opset) -> Any:
         if opset_version not in _REGISTRIES:
             _REGISTRIES[opset_version] = build.__func__(cls, opset_version=opset_version)
         return _REGISTRIES[opset_version]
