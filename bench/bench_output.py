@@ -62,8 +62,10 @@ def _peer_line(best: str, ours: dict[str, Any], name: str, row: dict[str, Any]) 
     pace worker beside it: race.py) when there were any."""
     pace = row.get("vs_fastest")
     if pace and pace.get("interleaved") and pace.get("contender") == best:
+        orders = pace.get("by_load_order", [])
+        each = f"; by load order {' / '.join(f'{r:.2f}×' for r in orders)}" if len(orders) > 1 else ""
         return (f"- {best} vs {name}: **{pace['ratio']:.2f}×** faster (interleaved: {pace['pocketsd_median_s']:.3f} s "
-                f"beside its {pace['peer_median_s']:.3f} s)")
+                f"beside its {pace['peer_median_s']:.3f} s{each})")
     return (f"- {best} vs {name}: **{_median(row) / _median(ours):.2f}×** faster (not interleaved: it ran in another "
             "group)")
 
@@ -96,6 +98,14 @@ def _ratios(size: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _load_order_line(orders: int) -> str:
+    if orders < 2:
+        return "Each group of workers ran once (`--load-orders 1`): the worker loaded first may read slower."
+    return ("Each group of workers ran twice, loaded in one order and then the reverse; a median is the geometric mean "
+            "of the two runs' medians (bench/race.py: on the box it was written on, the worker loaded first read 8–20% "
+            "slower).")
+
+
 def markdown(result: dict[str, Any], command: str) -> str:
     m = result["machine"]
     ceiling = max(c["gflops"] for c in result["matmul_ceiling"])
@@ -108,7 +118,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
              + " / ".join(f"{c['gflops']:.0f}" for c in result["matmul_ceiling"]) + " GFLOP/s (start / end of run).",
              f"Threads: {result['threads'] or 'all cores'}; UNet calls: {result['warmup']} warm-up, then "
              f"{result['calls']} per contender, interleaved; end to end: {result['steps']} steps, euler, guidance 7.5.",
-             ""]
+             _load_order_line(result.get("load_orders", 1)), ""]
     for size in result["resolutions"]:
         gflop = size.get("unet_gflop_per_call")
         lines += [f"## {size['size']}×{size['size']}" + (f" (UNet call: {gflop:.4g} GFLOP)" if gflop else ""), "",

@@ -9,10 +9,24 @@ every round. Full-size workers take 6-10 GB each, so on a 24 GB box only about t
 by memory alone put the fastest pocketsd configuration and plain OpenVINO in different groups: their ratio was read
 across minutes of drift. Hence two passes:
 
-1. pocketsd's contenders, each with its ``-1chunk`` twin (admission.py), in as few groups as fit;
-2. the peers, each group led by a fresh worker of the fastest pocketsd contender of pass 1 (the *pace* worker), so
+1. pocketsd's contenders, each in a group with its ``-1chunk`` twin (admission.py) where they fit side by side;
+2. the peers, each in a group with a fresh worker of the fastest pocketsd contender of pass 1 (the *pace* worker), so
    that every peer's ratio to pocketsd is read from calls interleaved with its own (``vs_fastest`` in its row). A
    peer that does not fit beside the pace worker runs alone, and its row says that its ratio did not interleave.
+
+A group is a pair at most (the load order, below, cancels out of a pair's ratio in two runs; a larger group's would
+need as many runs as members).
+
+Load order. On this box the worker loaded first in a group ran its calls 8-20 % slower than the one loaded after it,
+whichever contender it was: two plain OpenVINO workers on the same SD 1.5 file at 256², 16 interleaved rounds,
+0.440 vs 0.387 s and 0.446 vs 0.404 s; started in one order and loaded in the other, the one *loaded* first was the
+slow one (0.445 vs 0.402 s); a reload of the first worker after the second had loaded did not mend it (0.387 vs
+0.363 s). In 11 pairs of 11 the first loaded was the slower (a virtual machine: how the memory a process gets is
+backed differs with what was free when it loaded; not established further). The pace worker, loaded first in every
+peer's group, carried that penalty into every peer's ratio. So, with ``load_orders`` 2 (the default), every group of
+two or more runs a second time with fresh workers loaded in the reverse order, and a row's median is the geometric
+mean of its two runs' medians (``Row.median_s``): a penalty that multiplies the first-loaded worker's time cancels
+out of every ratio. Each run's figures are kept (``median_by_load_order``, ``by_load_order``).
 """
 
 from __future__ import annotations
@@ -45,8 +59,9 @@ def start(request: BenchRequest, row: Row, spec: dict, size: int, tick: Tick, lo
     try:
         info = worker.request("info")
         row.figures.update(describe=info.get("describe"), versions=info.get("versions"))
-        row.figures["cold_load_s"] = worker.request("load")["seconds"]
-        row.figures["warm_load_s"] = worker.request("load")["seconds"]
+        loads = {"cold_load_s": worker.request("load")["seconds"], "warm_load_s": worker.request("load")["seconds"]}
+        for key, seconds in loads.items():  # the first load order's (a later run's would be after a page cache warmed)
+            row.figures.setdefault(key, seconds)
         for _ in range(request.warmup):
             worker.request("call")
         tick(f"{name} loaded")
@@ -63,6 +78,7 @@ class _Group:
     def __init__(self, request: BenchRequest, specs: dict[str, dict], size: int, tick: Tick, number: int) -> None:
         self.request, self.specs, self.size, self.tick, self.number = request, specs, size, tick, number
         self.live: list[tuple[Row, WorkerProcess]] = []
+        self.logs: dict[int, str] = {}  # id(row) -> its log suffix, for the run in the reverse order
         self.peaks: list[float] = []
         self.unsaved: set[int] = set()  # the pace worker's output is its contender's, saved in pass 1
 
@@ -76,12 +92,14 @@ class _Group:
         if worker is None:
             return largest
         self.live.append((row, worker))
+        self.logs[id(row)] = log
+        row.runs.append([])
         try:
             peak = worker.request("stats")["peak_rss_mb"]
         except WorkerError as exc:
             row.error = str(exc)
             return largest
-        row.figures["peak_rss_admitted_mb"] = peak  # what admission saw (admission.py's GROWTH)
+        row.figures.setdefault("peak_rss_admitted_mb", peak)  # what admission saw (admission.py's GROWTH)
         self.peaks.append(peak * 1e6)
         return max(largest, peak * 1e6)
 
@@ -102,6 +120,7 @@ class _Group:
                     row.error = str(exc)
                     continue
                 row.call_s.append(answer["seconds"])
+                row.runs[-1].append(answer["seconds"])
                 for chunk in answer.get("chunks", []):
                     row.chunk_s.setdefault(chunk["id"], []).append(chunk["seconds"])
                 self.tick(f"{row.contender.name} call")
@@ -109,15 +128,30 @@ class _Group:
     def close(self) -> None:
         for row, worker in self.live:
             try:
-                row.figures["peak_rss_calls_mb"] = worker.request("stats")["peak_rss_mb"]
+                peak = worker.request("stats")["peak_rss_mb"]
+                row.figures["peak_rss_calls_mb"] = max(peak, row.figures.get("peak_rss_calls_mb", 0.0))
             except WorkerError as exc:
                 row.error = row.error or str(exc)
             worker.close()
 
+    def run(self, keep_outputs: bool) -> None:
+        """Interleave and close; then, with ``load_orders`` 2, the same rows once more in fresh workers loaded in the
+        reverse order (module docstring). They fitted side by side once, so they fit again."""
+        self.interleave(keep_outputs)
+        self.close()
+        loaded = [row for row, _ in self.live if not row.error]
+        if self.request.load_orders < 2 or len(loaded) < 2:
+            return
+        again = _Group(self.request, self.specs, self.size, self.tick, self.number)
+        for row in reversed(loaded):
+            again.admit(row, 0.0, log=self.logs[id(row)] + "-reversed")
+        again.interleave(keep_outputs=False)
+        again.close()
+
 
 def _fastest(rows: list[Row]) -> Row | None:
     timed = [r for r in rows if r.call_s and not r.error]
-    return min(timed, key=lambda r: statistics.median(r.call_s)) if timed else None
+    return min(timed, key=lambda r: r.median_s()) if timed else None
 
 
 def race(request: BenchRequest, rows: list[Row], specs: dict[str, dict], size: int, tick: Tick,
@@ -129,43 +163,35 @@ def race(request: BenchRequest, rows: list[Row], specs: dict[str, dict], size: i
     runnable = [r for r in rows if not r.skipped and not r.error]
     ours = [r for r in runnable if r.contender.kind == POCKETSD]
     peers = [r for r in runnable if r.contender.kind != POCKETSD]
-    waiting = [[ours[i] for i in unit] for unit in admission_units([r.contender.name for r in ours])]
     number, largest = 0, 0.0
-    while waiting:
+    waiting = [[ours[i] for i in unit] for unit in admission_units([r.contender.name for r in ours])]
+    while waiting:  # one contender, with its unchunked twin where there is one, per group
         number += 1
         group = _Group(request, specs, size, tick, number)
-        while waiting and fits_unit_now(group.peaks, largest, len(waiting[0])):
-            row, *twin = waiting.pop(0)
-            if twin:  # next, checked against the real peaks (if it no longer fits, it leads the next group)
-                waiting.insert(0, twin)
-            largest = group.admit(row, largest)
-        group.interleave(keep_outputs)
-        group.close()
+        row, *twin = waiting.pop(0)
+        largest = group.admit(row, largest)
+        if twin and fits_unit_now(group.peaks, largest, 1):
+            largest = group.admit(twin[0], largest)
+        elif twin:  # it leads the next group, alone
+            waiting.insert(0, twin)
+        group.run(keep_outputs)
     fastest = _fastest(ours)
-    while peers:
+    for row in peers:  # each peer beside a fresh pace worker
         number += 1
         group = _Group(request, specs, size, tick, number)
         # the pace worker only where a peer as large as it could fit beside it (its peak known from pass 1)
         pace_peak = fastest.figures.get("peak_rss_admitted_mb", 0.0) * 1e6 if fastest else 0.0
         pace = Row(fastest.contender) if fastest and fits_unit_now([pace_peak], pace_peak, 1) else None
-        if pace:  # its own load figures stay out of the table: only its calls beside the peers are kept
+        if pace:  # its own load figures stay out of the table: only its calls beside the peer are kept
             group.admit(pace, 0.0, log="-pace")
-        # a newcomer counts as large as the largest worker of its group, not of the run (pocketsd's fp32 OpenVINO
+        # the peer counts as large as the pace worker, not as the largest of the run (pocketsd's fp32 OpenVINO
         # worker, by far the largest, would keep every peer from fitting beside the pace worker)
-        sized = max(group.peaks, default=0.0)
-        members: list[Row] = []
-        while peers and (not group.peaks or fits_unit_now(group.peaks, sized, 1)):
-            members.append(peers.pop(0))
-            sized = group.admit(members[-1], sized)
-        if not members:  # the next peer does not fit beside the pace worker after all: it runs alone
+        if group.peaks and not fits_unit_now(group.peaks, max(group.peaks), 1):  # it runs alone after all
             group.close()
             group, pace = _Group(request, specs, size, tick, number), None
-            members.append(peers.pop(0))
-            group.admit(members[0], largest)
-        group.interleave(keep_outputs)
-        group.close()
-        for row in members:
-            row.figures["vs_fastest"] = _pace_figures(fastest, pace, row)
+        group.admit(row, largest)
+        group.run(keep_outputs)
+        row.figures["vs_fastest"] = _pace_figures(fastest, pace, row)
 
 
 def _pace_figures(fastest: Row | None, pace: Row | None, row: Row) -> dict[str, Any] | None:
@@ -174,8 +200,12 @@ def _pace_figures(fastest: Row | None, pace: Row | None, row: Row) -> dict[str, 
     if fastest is None or not row.call_s:
         return None
     interleaved = pace is not None and bool(pace.call_s) and not pace.error
-    ours = statistics.median(pace.call_s if interleaved and pace else fastest.call_s)
-    theirs = statistics.median(row.call_s)
-    return {"contender": fastest.contender.name, "interleaved": interleaved, "pocketsd_median_s": ours,
-            "peer_median_s": theirs, "ratio": theirs / ours,
-            **({"pocketsd_call_s": pace.call_s} if interleaved and pace else {})}
+    ours = (pace if interleaved and pace else fastest).median_s()
+    theirs = row.median_s()
+    figures = {"contender": fastest.contender.name, "interleaved": interleaved, "pocketsd_median_s": ours,
+               "peer_median_s": theirs, "ratio": theirs / ours}
+    if interleaved and pace:
+        figures["pocketsd_call_s"] = pace.call_s
+        figures["by_load_order"] = [statistics.median(peer) / statistics.median(own)
+                                    for own, peer in zip(pace.runs, row.runs) if own and peer]
+    return figures

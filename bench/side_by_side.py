@@ -17,6 +17,7 @@ its one-line error, and the others finish.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class BenchRequest:
     optimum_python: Path | None = None
     matmul_size: int = 4096  # the ceiling's MatMul is size³
     batch_one: bool = True  # also time pocketsd's chunked UNet at batch 1 (one unguided step) at the largest size
+    load_orders: int = 2  # 2: every group of workers runs again, loaded in the reverse order (race.py says why)
 
 
 @dataclass
@@ -62,18 +64,27 @@ class Row:
     group: int = 0
     figures: dict[str, Any] = field(default_factory=dict)
     call_s: list[float] = field(default_factory=list)
+    runs: list[list[float]] = field(default_factory=list)  # call_s, split by the group run (load order) they came from
     chunk_s: dict[str, list[float]] = field(default_factory=dict)
     skipped: str | None = None
     error: str | None = None
+
+    def median_s(self) -> float:
+        """The median UNet call; with calls from both load orders (race.py), the geometric mean of each order's
+        median, so that the order's effect cancels out of every ratio instead of landing on one contender."""
+        medians = [statistics.median(run) for run in self.runs if run] or [statistics.median(self.call_s)]
+        return math.prod(medians) ** (1 / len(medians))
 
     def to_dict(self) -> dict[str, Any]:
         c = self.contender
         out: dict[str, Any] = {"contender": c.name, "kind": c.kind, "engine": c.engine, "uses": c.uses,
                                "group": self.group, **self.figures}
         if self.call_s:
-            out["unet_call_s"] = {"median": statistics.median(self.call_s), "min": min(self.call_s),
+            out["unet_call_s"] = {"median": self.median_s(), "min": min(self.call_s),
                                   "max": max(self.call_s), "stdev": statistics.pstdev(self.call_s),
                                   "all": self.call_s}
+            if sum(bool(run) for run in self.runs) > 1:
+                out["unet_call_s"]["median_by_load_order"] = [statistics.median(run) for run in self.runs if run]
         if self.chunk_s:
             out["chunk_s_median"] = {k: statistics.median(v) for k, v in self.chunk_s.items()}
         if self.skipped:
@@ -293,6 +304,7 @@ def run_bench(request: BenchRequest, tick: Tick) -> dict[str, Any]:
     request.work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"machine": machine_info(), "model": request.model, "preset": request.preset,
                               "threads": request.threads, "calls": request.calls, "warmup": request.warmup,
+                              "load_orders": request.load_orders,
                               "steps": request.steps, "contenders": [c.name for c in request.contenders]}
     result["matmul_ceiling"] = [matmul_ceiling(request.threads, request.matmul_size)]
     tick("matmul ceiling")
@@ -309,12 +321,13 @@ def run_bench(request: BenchRequest, tick: Tick) -> dict[str, Any]:
 
 
 def ticks_expected(request: BenchRequest) -> int:
-    per_size = 2 + len(request.contenders) * (1 + request.calls + (1 if request.steps else 0))
+    timed = request.load_orders * (1 + request.calls)  # a worker's "loaded" tick and its calls, in each load order
+    per_size = 2 + len(request.contenders) * (timed + (1 if request.steps else 0))
     if any(c.kind == "pocketsd" for c in request.contenders):  # at most one pace worker per peer (race.py)
-        per_size += sum(c.kind != "pocketsd" for c in request.contenders) * (1 + request.calls)
+        per_size += sum(c.kind != "pocketsd" for c in request.contenders) * timed
     per_size += sum(_loads_without_cache(c) for c in request.contenders)
     contenders = _batch_one_contenders(request)
     ceilings = 2 * (1 + any("bf16" in c.engine for c in contenders))
-    batch_one = (1 + ceilings + len(contenders) * (1 + request.calls)) if request.batch_one else 0
+    batch_one = (1 + ceilings + len(contenders) * request.load_orders * (1 + request.calls)) if request.batch_one else 0
     return 2 + per_size * len(request.resolutions) + batch_one
 

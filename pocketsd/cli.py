@@ -228,7 +228,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            resolutions=tuple(args.resolution or (256, 512)), preset=args.preset, calls=args.calls,
                            warmup=args.warmup, steps=args.steps, threads=args.threads,
                            reuse_bundles=args.reuse_bundles, optimum_python=optimum_python(args.optimum_python),
-                           batch_one=not args.no_batch_one)
+                           batch_one=not args.no_batch_one, load_orders=args.load_orders)
     with tqdm(total=ticks_expected(request), desc="bench", unit="step", disable=args.quiet) as bar:
         def tick(what: str) -> None:
             bar.set_postfix_str(what)
@@ -347,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "else .venv-optimum/bin/python from `make bench-env-optimum`)")
     p.add_argument("--no-batch-one", action="store_true", help="skip the batch-1 UNet calls (one unguided step) of "
                                                                 "pocketsd's chunked bundle at the largest size")
+    p.add_argument("--load-orders", type=int, choices=(1, 2), default=2,
+                   help="2 (default): every group of workers runs twice, loaded in one order and then the reverse, "
+                        "and each ratio is read from both (the worker loaded first can be slower); 1: once, in "
+                        "about half the time")
     p.add_argument("--out", default="results/bench", help="folder for result.json, result.md and chart.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_bench)
