@@ -32,7 +32,6 @@ out of every ratio. Each run's figures are kept (``median_by_load_order``, ``by_
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -206,6 +205,5 @@ def _pace_figures(fastest: Row | None, pace: Row | None, row: Row) -> dict[str, 
                "peer_median_s": theirs, "ratio": theirs / ours}
     if interleaved and pace:
         figures["pocketsd_call_s"] = pace.call_s
-        figures["by_load_order"] = [statistics.median(peer) / statistics.median(own)
-                                    for own, peer in zip(pace.runs, row.runs) if own and peer]
+        figures["by_load_order"] = [peer / own for own, peer in zip(pace.run_medians(), row.run_medians())]
     return figures

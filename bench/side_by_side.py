@@ -69,10 +69,14 @@ class Row:
     skipped: str | None = None
     error: str | None = None
 
+    def run_medians(self) -> list[float]:
+        """The median call of each group run (load order) the row was timed in."""
+        return [statistics.median(run) for run in self.runs if run]
+
     def median_s(self) -> float:
         """The median UNet call; with calls from both load orders (race.py), the geometric mean of each order's
         median, so that the order's effect cancels out of every ratio instead of landing on one contender."""
-        medians = [statistics.median(run) for run in self.runs if run] or [statistics.median(self.call_s)]
+        medians = self.run_medians() or [statistics.median(self.call_s)]
         return math.prod(medians) ** (1 / len(medians))
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,8 +87,8 @@ class Row:
             out["unet_call_s"] = {"median": self.median_s(), "min": min(self.call_s),
                                   "max": max(self.call_s), "stdev": statistics.pstdev(self.call_s),
                                   "all": self.call_s}
-            if sum(bool(run) for run in self.runs) > 1:
-                out["unet_call_s"]["median_by_load_order"] = [statistics.median(run) for run in self.runs if run]
+            if len(self.run_medians()) > 1:
+                out["unet_call_s"]["median_by_load_order"] = self.run_medians()
         if self.chunk_s:
             out["chunk_s_median"] = {k: statistics.median(v) for k, v in self.chunk_s.items()}
         if self.skipped:
