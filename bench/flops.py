@@ -76,9 +76,13 @@ def graph_flops(path: Path) -> int:
 
 
 def component_flops(bundle: Path, component: str) -> int:
-    """FLOPs of one call of a bundle component (all its chunks, the chunks' own graphs)."""
-    chunks = load_manifest(bundle).component(component).chunks
-    return sum(graph_flops(bundle / c.file.path) for c in chunks if c.format == "onnx")
+    """FLOPs of one call of a bundle component (all its chunks, the chunks' own graphs): the model's work, the same
+    for every contender, so a per-row chunk (exported at one row, runtime/per_row.py) counts once per row of the
+    batch, although the runtime runs it once for equal rows."""
+    manifest = load_manifest(bundle)
+    chunks = manifest.component(component).chunks
+    rows = int(manifest.dims.get("unet_batch", 1)) if component == "unet" else 1
+    return sum(graph_flops(bundle / c.file.path) * (rows if c.per_row else 1) for c in chunks if c.format == "onnx")
 
 
 def matmul_ceiling(threads: int = 0, size: int = 4096, repeats: int = 3, engine: str = "onnxruntime") -> dict[str, Any]:

@@ -29,6 +29,7 @@ from pocketsd.runtime import sessions
 from pocketsd.runtime.chain import ComponentRunner
 from pocketsd.runtime.execution import ResidentPolicy
 from pocketsd.runtime.manifest import Chunk, Component, load_manifest
+from pocketsd.runtime.per_row import PerRowSession
 from pocketsd.runtime.sessions import ENGINES, SessionOptions, check_engine, onnx_graph, onnx_session_options
 
 TOP_NODES = 15
@@ -68,7 +69,7 @@ class OrtProfiler:
         so.profile_file_prefix = str(self.trace_dir / chunk.id)
         session = ort.InferenceSession(str(onnx_graph(self.bundle, chunk)), so, providers=["CPUExecutionProvider"])
         self.sessions[chunk.id] = _OrtSession(session)
-        return self.sessions[chunk.id]
+        return PerRowSession(self.sessions[chunk.id], chunk) if chunk.per_row else self.sessions[chunk.id]
 
     def after_warm_up(self) -> None: ...
 
@@ -99,10 +100,11 @@ class OpenVinoProfiler:
         # off again after, for the process's other sessions
         _core().set_property("CPU", {"PERF_COUNT": True})
         try:
-            self.sessions[chunk.id] = sessions.open_chunk(self.bundle, chunk, self.options)
+            session = sessions.open_chunk(self.bundle, chunk, self.options)
         finally:
             _core().set_property("CPU", {"PERF_COUNT": False})
-        return self.sessions[chunk.id]
+        self.sessions[chunk.id] = session.inner if isinstance(session, PerRowSession) else session
+        return session
 
     def _means(self) -> NodeTimes:
         means: NodeTimes = {}

@@ -58,12 +58,14 @@ TIMESTEP = 500
 
 def unet_inputs(latent_height: int, latent_width: int, batch: int = 2, latent_channels: int = 4,
                 text_length: int = 77, text_hidden: int = 768, seed: int = 0) -> dict[str, np.ndarray]:
-    """The inputs of one benchmarked UNet call, the same numbers in every worker: a seeded batch of latents, the
-    timestep ``TIMESTEP`` for every row (float32: a worker casts it to what its model takes) and seeded text states
-    (their values do not change the time; their shapes do)."""
+    """The inputs of one benchmarked UNet call, the same numbers in every worker, as in a guided step: one seeded
+    latent in every row (a guided step runs the same latents with the negative and the positive text), the timestep
+    ``TIMESTEP`` for every row (float32: a worker casts it to what its model takes) and seeded text states, one per
+    row (their values do not change the time; their shapes do). A bundle with a shared prefix (runtime/per_row.py)
+    runs that prefix once for the equal rows, as it does in a generation; the peers run it for each row."""
     rng = np.random.default_rng(seed)
-    return {UNET_IO.sample: rng.standard_normal((batch, latent_channels, latent_height, latent_width),
-                                                dtype=np.float32),
+    latent = rng.standard_normal((1, latent_channels, latent_height, latent_width), dtype=np.float32)
+    return {UNET_IO.sample: np.repeat(latent, batch, axis=0),
             UNET_IO.timestep: np.full((batch,), TIMESTEP, dtype=np.float32),
             UNET_IO.encoder_hidden_states: rng.standard_normal((batch, text_length, text_hidden), dtype=np.float32)}
 

@@ -10,8 +10,10 @@ import torch
 from torch import fx
 
 from pocketsd.contract import DTYPES
+from pocketsd.errors import InternalError
 from pocketsd.export.components.base import ComponentSpec, Dims, IOSpec
 from pocketsd.export.graph_summary import GraphSummary, summarize
+from pocketsd.export.shared_prefix import SHARED_INPUTS, Prefix, hoist
 from pocketsd.runtime.manifest import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,18 @@ class Captured:
     outputs: tuple[TensorSpec, ...]
     example_inputs: tuple[torch.Tensor, ...]
     reference_outputs: tuple[torch.Tensor, ...]
+    # With a shared prefix (export/shared_prefix.py): where it ends, and the graph captured at batch 1 (reordered
+    # alike) that its per-row chunk is cut from.
+    prefix: Prefix | None = None
+    rows: RowGraph | None = None
+
+
+@dataclass
+class RowGraph:
+    """The component captured again at batch 1, for its per-row chunk."""
+
+    graph_module: fx.GraphModule
+    summary: GraphSummary
 
 
 def example_value(io: IOSpec, shape: tuple[int, ...], dims: Dims, generator: torch.Generator) -> torch.Tensor:
@@ -74,15 +88,38 @@ def run_component(spec: ComponentSpec, model: torch.nn.Module, examples: tuple[t
         return as_outputs(spec.make_wrapper(model).eval()(*examples))
 
 
-def capture(spec: ComponentSpec, model: torch.nn.Module, dims: Dims, seed: int = 0) -> Captured:
-    wrapper = spec.make_wrapper(model).eval()
-    examples = example_inputs(spec, dims, seed)
+def _export(spec: ComponentSpec, model: torch.nn.Module, examples: tuple[torch.Tensor, ...],
+            shared_prefix: bool) -> tuple[fx.GraphModule, GraphSummary, Prefix | None]:
+    """The component's graph at the examples' shapes, its summary and, where asked for, its shared prefix (the graph
+    then reordered so that the prefix comes first)."""
     log.info("capturing %s with torch.export at %s", spec.id, [tuple(x.shape) for x in examples])
     with torch.no_grad():
-        exported = torch.export.export(wrapper, examples, strict=False)
+        exported = torch.export.export(spec.make_wrapper(model).eval(), examples, strict=False)
         graph_module = exported.module(check_guards=False)
+    summary = summarize(spec.id, graph_module)
+    if not shared_prefix:
+        return graph_module, summary, None
+    varying = {fx_name for fx_name, io in zip(summary.inputs, spec.inputs) if io.name not in SHARED_INPUTS}
+    prefix = hoist(graph_module, varying, {op.name: op.module for op in summary.ops})
+    return graph_module, summarize(spec.id, graph_module) if prefix else summary, prefix
+
+
+def capture(spec: ComponentSpec, model: torch.nn.Module, dims: Dims, seed: int = 0,
+            shared_prefix: bool = False) -> Captured:
+    """``shared_prefix``: find the prefix both rows of a guided batch compute alike, and capture the component at
+    batch 1 too, for that prefix's per-row chunk (none where the batch is one row or there is no prefix)."""
+    examples = example_inputs(spec, dims, seed)
+    graph_module, summary, prefix = _export(spec, model, examples, shared_prefix and spec.batch(dims) > 1)
+    rows = None
+    if prefix is not None:
+        row_examples = tuple(x[:1] for x in examples)
+        row_module, row_summary, row_prefix = _export(spec, model, row_examples, True)
+        if row_prefix != prefix:
+            raise InternalError(f"{spec.id}: the shared prefix differs at batch 1 ({row_prefix}) and at batch "
+                                f"{len(examples[0])} ({prefix})")
+        rows = RowGraph(row_module, row_summary)
     reference = run_component(spec, model, examples)
     inputs = tuple(TensorSpec(io.name, io.dtype, tuple(x.shape)) for io, x in zip(spec.inputs, examples))
     outputs = tuple(TensorSpec(io.name, io.dtype, tuple(y.shape)) for io, y in zip(spec.outputs, reference))
-    summary = summarize(spec.id, graph_module)
-    return Captured(spec, graph_module, summary, inputs, outputs, examples, tuple(r.detach() for r in reference))
+    return Captured(spec, graph_module, summary, inputs, outputs, examples, tuple(r.detach() for r in reference),
+                    prefix, rows)

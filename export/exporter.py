@@ -242,7 +242,8 @@ def _write_with_torch(component_id: str, model: Any, dims: Dims, request: Export
     preset = request.preset
     spec = component_spec(component_id, model, dims, preset)
     prepared = _prepare(spec, model, dims, preset, request.seed, staging)
-    captured = capture(spec, prepared.model, dims, seed=request.seed)
+    captured = capture(spec, prepared.model, dims, seed=request.seed,
+                       shared_prefix=preset.split_for(spec.settings_id).shared_prefix)
     written = write_component(captured, preset, staging, progress=request.progress,
                               weight_bytes=prepared.weight_bytes, compressed=prepared.compressed,
                               extra={**prepared.extra, **_tiling_extra(spec, dims)})

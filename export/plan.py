@@ -24,6 +24,7 @@ class CutTable:
     crossing_bytes: np.ndarray  # int64[len(ops) + 1]
     weight_before: np.ndarray  # int64[len(ops) + 1]: weight bytes of the ops before position p
     labels: tuple[str, ...]  # module of the op after the cut
+    clean: np.ndarray | None = None  # bool[len(ops) + 1]: no weight on both sides, only tensors cross (valid or not)
 
     @property
     def candidates(self) -> np.ndarray:
@@ -51,6 +52,7 @@ class PlannedChunk:
     input_values: tuple[str, ...] = ()  # FX value behind each input, aligned with ``inputs`` (for the slicer)
     output_values: tuple[str, ...] = ()  # likewise for ``outputs``
     largest_activation_bytes: int = 0  # the largest tensor an op of the chunk produces (runtime/sessions.py)
+    per_row: bool = False  # cut from the batch-1 graph and run once per row (export/shared_prefix.py)
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def analyze_cuts(summary: GraphSummary, weight_bytes: dict[str, int] | None = No
     for p in range(1, n):
         valid[p] = not blocked[p] and modules[p] != modules[p - 1]
     labels = tuple(modules[p] if p < n else "<end>" for p in range(n + 1))
-    return CutTable(valid, crossing, weight_before, labels)
+    return CutTable(valid, crossing, weight_before, labels, ~blocked)
 
 
 def _readable(module: str, fallback: str) -> str:

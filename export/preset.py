@@ -137,7 +137,7 @@ class Preset:
             "name": self.name, "backend": self.backend, "precision": self.precision,
             "resolution": list(self.resolution) if self.resolution else None, "unet_batch": self.unet_batch,
             "components": list(self.components),
-            "split": {k: {f: v for f, v in vars(r).items() if v is not None} for k, r in self.split.items()},
+            "split": {k: r.fields() for k, r in self.split.items()},
             "parity": {"min_psnr_db": self.parity.min_psnr_db, "per_component": dict(self.parity.per_component)},
             "runtime": vars(self.runtime), **({"coreml": self.coreml.to_dict()} if self.backend == "coreml" else {}),
             "attention": vars(self.attention), "vae_tiling": vars(self.vae_tiling) if self.vae_tiling else None,
@@ -205,18 +205,33 @@ def parse_resolution(value: Any, where: _Reader) -> tuple[int, int] | None:
     return h, w
 
 
-def _split_request(reader: _Reader) -> SplitRequest:
-    reader.only(("n_chunks", "max_mb", "at_modules"))
-    if len(reader.data) != 1:
+def _split_request(reader: _Reader, shared_prefix: str | None) -> SplitRequest:
+    """One component's split. ``shared_prefix``: None where this component may ask for one, else why it may not."""
+    reader.only(("n_chunks", "max_mb", "at_modules", "shared_prefix"))
+    prefix = reader.choice("shared_prefix", (True, False), False)
+    if prefix and shared_prefix is not None:
+        reader.at("shared_prefix").fail(shared_prefix, "remove shared_prefix")
+    if len(set(reader.data) - {"shared_prefix"}) != 1:
         reader.fail("must set exactly one of n_chunks, max_mb, at_modules")
     if "n_chunks" in reader.data:
-        return SplitRequest(n_chunks=reader.number("n_chunks", 1, int, 1))
+        return SplitRequest(n_chunks=reader.number("n_chunks", 1, int, 1), shared_prefix=prefix)
     if "max_mb" in reader.data:
-        return SplitRequest(max_bytes=int(reader.number("max_mb", 1, float, 0.001) * 1_000_000))
+        return SplitRequest(max_bytes=int(reader.number("max_mb", 1, float, 0.001) * 1_000_000), shared_prefix=prefix)
     modules = reader.data["at_modules"]
     if not isinstance(modules, list) or not modules or not all(isinstance(m, str) for m in modules):
         reader.at("at_modules").fail("must be a non-empty list of module paths", "e.g. [down_blocks.2, mid_block]")
-    return SplitRequest(at_modules=tuple(modules))
+    return SplitRequest(at_modules=tuple(modules), shared_prefix=prefix)
+
+
+def _no_shared_prefix(component: str, backend: str, unet_batch: int) -> str | None:
+    """Why ``component`` of such a preset cannot ask for ``shared_prefix`` (None: it can)."""
+    if component != "unet":
+        return "is only for the unet, whose guided batch rows share their latents"
+    if backend != "onnx":
+        return "is only for onnx presets (Apple's Swift pipeline runs the UNet as its chunks were cut for it)"
+    if unet_batch != 2:
+        return "needs unet_batch: 2 (a batch-1 UNet runs each guided row as a call of its own)"
+    return None
 
 
 def preset_from_dict(data: Any, source: str) -> Preset:
@@ -227,7 +242,9 @@ def preset_from_dict(data: Any, source: str) -> Preset:
     components = _components(top)
     split_reader = top.child("split")
     split_reader.only((*COMPONENT_IDS, "default"))
-    split = {key: _split_request(split_reader.child(key)) for key in split_reader.data}
+    unet_batch = top.choice("unet_batch", (1, 2), 2)
+    split = {key: _split_request(split_reader.child(key), _no_shared_prefix(key, backend, unet_batch))
+             for key in split_reader.data}
     par = top.child("parity")
     par.only(("min_psnr_db", "per_component"))
     per = par.child("per_component")
@@ -252,7 +269,7 @@ def preset_from_dict(data: Any, source: str) -> Preset:
         name=_text(top, "name") or Path(source).stem, source=source, backend=backend, precision=precision,
         description=_text(top, "description"),
         resolution=parse_resolution(top.data.get("resolution"), top.at("resolution")),
-        unet_batch=top.choice("unet_batch", (1, 2), 2), components=components, split=split,
+        unet_batch=unet_batch, components=components, split=split,
         parity=ParityConfig(par.number("min_psnr_db", 60.0, float),
                             {k: per.number(k, 0.0, float) for k in per.data}),
         runtime=RuntimeConfig(run.number("threads", 0, int), low, memory), coreml=coreml,
@@ -387,12 +404,15 @@ def with_overrides(preset: Preset, chunks: Mapping[str, int] | None = None, max_
     if max_chunk_mb is not None:
         if not math.isfinite(max_chunk_mb) or max_chunk_mb <= 0:
             cli.at("--max-chunk-mb").fail(f"is {max_chunk_mb}", "give a positive number of megabytes")
-        split = {c: SplitRequest(max_bytes=int(max_chunk_mb * 1_000_000)) for c in COMPONENT_IDS}
+        budget = int(max_chunk_mb * 1_000_000)
+        split = {c: SplitRequest(max_bytes=budget, shared_prefix=preset.split_for(c).shared_prefix)
+                 for c in COMPONENT_IDS}
     for component, n in (chunks or {}).items():
         if component not in COMPONENT_IDS:
             cli.at("--chunks").fail(f"names unknown component {component!r}", f"known: {', '.join(COMPONENT_IDS)}")
         if n < 1:
             cli.at("--chunks").fail(f"asks for {n} chunks of {component}", "ask for at least 1")
-        split[component] = SplitRequest(n_chunks=n)
+        # one chunk is the unchunked model, as the preset's cut would have it without any cut: no shared prefix
+        split[component] = SplitRequest(n_chunks=n, shared_prefix=n > 1 and preset.split_for(component).shared_prefix)
     res = parse_resolution(resolution, cli.at("--resolution")) if resolution else preset.resolution
     return replace(preset, split=split, resolution=res)

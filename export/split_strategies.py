@@ -21,11 +21,18 @@ from pocketsd.registry import Registry
 
 @dataclass(frozen=True)
 class SplitRequest:
-    """One component's split request, from a preset or the CLI. Exactly one field is set (or none: one chunk)."""
+    """One component's split request, from a preset or the CLI. Exactly one of the first three fields is set (or
+    none: one chunk). ``shared_prefix`` (the UNet of an ONNX preset with a batch-2 UNet): also cut off, as a chunk
+    run once per distinct row, what both rows of a guided batch compute alike (export/shared_prefix.py)."""
 
     n_chunks: int | None = None
     max_bytes: int | None = None
     at_modules: tuple[str, ...] | None = None
+    shared_prefix: bool = False
+
+    def fields(self) -> dict[str, object]:
+        """The fields that are set, for the saved plan and preset."""
+        return {k: v for k, v in vars(self).items() if v is not None and v is not False}
 
     @property
     def strategy(self) -> str:

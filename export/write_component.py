@@ -9,7 +9,7 @@ chunks are finished and run against them (``check_component.py``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pocketsd.errors import InternalError, PlanError
 from pocketsd.export.backends.base import Fp32Reference, backend_for
 from pocketsd.export.capture import Captured
 from pocketsd.export.parity import ParityGate
-from pocketsd.export.plan import BoundaryTensor, ComponentPlan, analyze_cuts, build_plan
+from pocketsd.export.plan import BoundaryTensor, ComponentPlan, CutTable, analyze_cuts, build_plan, describe_bytes
 from pocketsd.export.preset import Preset
-from pocketsd.export.slicing import ChunkModule, slice_plan
+from pocketsd.export.slicing import ChunkModule, slice_chunk, slice_plan
 from pocketsd.export.split_strategies import STRATEGIES
 from pocketsd.runtime.manifest import Chunk, TensorSpec
 from pocketsd.runtime.sessions import SessionOptions
@@ -77,18 +78,70 @@ def plan_component(captured: Captured, preset: Preset, weight_bytes: dict[str, i
     summary = captured.summary
     table = analyze_cuts(summary, weight_bytes)
     positions, reason = STRATEGIES.get(request.strategy)(summary, table, request)
-    return build_plan(summary, positions, strategy=f"split::{request.strategy}",
-                      request={k: v for k, v in vars(request).items() if v is not None}, reason=reason,
+    if captured.prefix is not None:
+        positions, reason = _with_prefix(captured, table, positions, reason, request.max_bytes)
+    plan = build_plan(summary, positions, strategy=f"split::{request.strategy}",
+                      request=request.fields(), reason=reason,
                       output_names=[t.name for t in captured.outputs], input_names=[t.name for t in captured.inputs],
                       weight_bytes=weight_bytes)
+    return plan if captured.prefix is None else _per_row_first(captured, plan, weight_bytes)
+
+
+def _with_prefix(captured: Captured, table: CutTable, positions: list[int], reason: str,
+                 budget: int | None) -> tuple[list[int], str]:
+    """The strategy's cuts after the shared prefix, and the prefix's own cut (within a ``max_bytes`` budget)."""
+    assert captured.prefix is not None
+    end = captured.prefix.ops
+    if table.clean is None or not table.clean[end]:
+        raise InternalError(f"{captured.spec.id}: the shared prefix ends where a weight or a non-tensor value "
+                            "crosses the cut")
+    if budget is not None and table.weight_before[end] > budget:
+        raise PlanError(f"{captured.spec.id}: its shared prefix holds {describe_bytes(table.weight_before[end])} of "
+                        f"weights, more than the {describe_bytes(budget)} per-chunk budget",
+                        "raise the budget, or remove shared_prefix from the preset's split")
+    kept = sorted(p for p in positions if p > end)
+    return [end, *kept], (f"{reason}; before them the shared prefix ({end} ops before the text enters), a chunk "
+                          "run once per distinct row")
+
+
+def _per_row_first(captured: Captured, plan: ComponentPlan, weight_bytes: dict[str, int] | None) -> ComponentPlan:
+    """``plan`` with its first chunk, the shared prefix, planned again on the batch-1 graph: the same ops, values
+    and names at one row's shapes."""
+    assert captured.rows is not None and captured.prefix is not None
+    rows = build_plan(captured.rows.summary, [captured.prefix.ops], strategy=plan.strategy, request=plan.request,
+                      reason=plan.reason, output_names=[t.name for t in captured.outputs],
+                      input_names=[t.name for t in captured.inputs], weight_bytes=weight_bytes).chunks[0]
+    first = plan.chunks[0]
+    same = (rows.input_values, rows.output_values, [t.name for t in rows.inputs], [t.name for t in rows.outputs]) == \
+        (first.input_values, first.output_values, [t.name for t in first.inputs], [t.name for t in first.outputs])
+    if not same:
+        raise InternalError(f"{captured.spec.id}: the shared prefix captured at batch 1 has other boundary values "
+                            f"than at the batch ({rows.output_values} vs {first.output_values})")
+    return replace(plan, chunks=(replace(rows, per_row=True), *plan.chunks[1:]))
+
+
+def slice_component(captured: Captured, plan: ComponentPlan) -> list[ChunkModule]:
+    """The plan's chunk modules: a per-row chunk cut from the batch-1 graph, the others from the captured one."""
+    modules = slice_plan(captured.graph_module, replace(plan, chunks=tuple(c for c in plan.chunks if not c.per_row)))
+    rows = iter(modules)
+    return [ChunkModule(c, slice_chunk(captured.rows.graph_module, c)) if c.per_row and captured.rows is not None
+            else next(rows) for c in plan.chunks]
+
+
+def _run_chunk(chunk: ChunkModule, feeds: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    if not chunk.plan.per_row:
+        return tuple(chunk.module(*feeds))
+    rows = [chunk.module(*[x[r:r + 1] for x in feeds]) for r in range(len(feeds[0]))]
+    return tuple(torch.cat(parts) for parts in zip(*rows))
 
 
 def reference_values(captured: Captured, chunks: list[ChunkModule]) -> dict[str, torch.Tensor]:
-    """Run the chunk modules in PyTorch, in order: every boundary tensor's reference value, by FX value name."""
+    """Run the chunk modules in PyTorch, in order: every boundary tensor's reference value, by FX value name (a
+    per-row chunk's outputs: its rows' outputs stacked, as the runtime stacks them)."""
     values = dict(zip(captured.summary.inputs, captured.example_inputs))
     with torch.no_grad():
         for chunk in chunks:
-            results = chunk.module(*[values[v] for v in chunk.plan.input_values])
+            results = _run_chunk(chunk, [values[v] for v in chunk.plan.input_values])
             values.update(zip(chunk.plan.output_values, results))
     return values
 
@@ -118,7 +171,7 @@ def write_component(captured: Captured, preset: Preset, bundle_dir: Path, *, pro
                     extra: dict | None = None) -> WrittenComponent:
     """Plan, cut and write every chunk of ``captured`` (the part that needs torch); nothing is run yet."""
     plan = plan_component(captured, preset, weight_bytes)
-    chunk_modules = slice_plan(captured.graph_module, plan)
+    chunk_modules = slice_component(captured, plan)
     folder = bundle_dir / captured.spec.id
     folder.mkdir()
     job = ComponentJob(captured, plan, chunk_modules, reference_values(captured, chunk_modules), preset, folder,
@@ -126,7 +179,9 @@ def write_component(captured: Captured, preset: Preset, bundle_dir: Path, *, pro
     writer = backend_for(preset.backend).writer(job)
     chunks = []
     for cm in tqdm(job.chunks, desc=f"  {captured.spec.id}", unit="chunk", leave=False, disable=not progress):
-        chunks.append(writer.write(job, cm, [job.values[v] for v in cm.plan.input_values]))
+        example = [job.values[v][:1] if cm.plan.per_row else job.values[v] for v in cm.plan.input_values]
+        chunk = writer.write(job, cm, example)
+        chunks.append(replace(chunk, per_row=True) if cm.plan.per_row else chunk)
     return WrittenComponent(
         id=captured.spec.id, inputs=captured.inputs, plan=plan, chunks=chunks,
         values={v: x.numpy() for v, x in job.values.items()}, input_values=tuple(captured.summary.inputs),

@@ -15,11 +15,13 @@ import numpy as np
 from pocketsd.errors import BundleError
 from pocketsd.runtime.execution import ExecutionPolicy, Feeds, chunk_opener, make_policy
 from pocketsd.runtime.manifest import Chunk, Component, TensorSpec
+from pocketsd.runtime.per_row import row_shape_matches
 from pocketsd.runtime.sessions import SessionOptions
 
 
-def _check(owner: str, spec: TensorSpec, value: np.ndarray) -> None:
-    if value.dtype != np.dtype(spec.dtype) or tuple(value.shape) != spec.shape:
+def _check(owner: str, spec: TensorSpec, value: np.ndarray, per_row: bool = False) -> None:
+    shape_ok = row_shape_matches(spec, value) if per_row else tuple(value.shape) == spec.shape
+    if value.dtype != np.dtype(spec.dtype) or not shape_ok:
         raise BundleError(
             f"{owner} expects {spec.name!r} as {spec.dtype}{list(spec.shape)} but got "
             f"{value.dtype}{list(value.shape)}",
@@ -68,7 +70,7 @@ class ComponentRunner:
         feeds = {}
         for spec in chunk.inputs:
             value = values[spec.source or ""]
-            _check(chunk.id, spec, value)
+            _check(chunk.id, spec, value, chunk.per_row)
             feeds[spec.name] = value
         return feeds
 

@@ -17,6 +17,7 @@ def _chunk_row(chunk: Chunk) -> dict[str, Any]:
         "psnr_db": chunk.parity.psnr_db if chunk.parity else None,
         "max_abs": chunk.parity.max_abs if chunk.parity else None,
         "modules": list(chunk.modules),
+        "per_row": chunk.per_row,
         "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "source": t.source}
                    for t in chunk.inputs],
         "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in chunk.outputs],
@@ -109,6 +110,7 @@ def format_table(info: dict[str, Any]) -> str:
     for comp in info["components"]:
         for ch in comp["chunks"]:
             mods = ", ".join(ch["modules"][:3]) + (" …" if len(ch["modules"]) > 3 else "")
+            mods = f"(run once per distinct row) {mods}" if ch["per_row"] else mods
             max_abs = "-" if ch["max_abs"] is None else f"{ch['max_abs']:.2e}"
             lines.append(f"{ch['id']:<16} {ch['format']:<9} {_mb(ch['bytes'])} {_mb(ch['weight_bytes']):>10} "
                          f"{_db(ch['psnr_db'])} {max_abs:>10}  {mods}")

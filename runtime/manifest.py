@@ -31,6 +31,10 @@ Component ``extra`` entries a reader acts on:
     latent, and its output, not the latent, is what the tiles cut: the tiled component's first input has the
     head's output channels (the decoder's head is its mid block, export/components/vae_decoder.py).
 
+A chunk with ``"per_row": true`` (schema 1.2) was exported at batch 1: its inputs and outputs are listed at one row,
+it is run for each row of the tensors that feed it (once for rows that are equal), and its readers see its outputs
+stacked to that batch (runtime/per_row.py; the exporter makes one of a guided UNet's shared prefix).
+
 This module is torch-free: the exporter builds these dataclasses and writes them, the runtime reads them.
 """
 
@@ -48,7 +52,9 @@ from pocketsd.runtime.json_fields import Field, kind
 from pocketsd.staging import abandoned_staging
 
 FORMAT = "pocketsd-bundle"
-SCHEMA_VERSION = "1.1"  # 1.1: chunks may carry an optimized graph (ignored by 1.0 readers)
+# 1.1: chunks may carry an optimized graph (ignored by 1.0 readers). 1.2: a chunk may be ``per_row`` (a 1.1 reader
+# refuses such a bundle at its wiring check: the chunk's one-row shapes do not match what feeds it)
+SCHEMA_VERSION = "1.2"
 MANIFEST_NAME = "manifest.json"
 SECOND_TOKENIZER = "text_encoder_2"  # the tokenizer entry's key for SDXL's second tokenizer (see _tokenizer)
 CHUNK_FORMATS = ("onnx", "mlpackage")
@@ -117,6 +123,9 @@ class Chunk:
     parity: Parity | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     optimized: OptimizedGraph | None = None
+    # Exported at batch 1 and run once per row of the component's batch, once for rows whose inputs are equal
+    # (runtime/per_row.py); its inputs and outputs are listed at batch 1, what feeds it and reads it at the batch.
+    per_row: bool = False
 
     @property
     def files(self) -> tuple[FileRef, ...]:
@@ -253,6 +262,7 @@ def _chunk(f: Field) -> Chunk:
         parity=_parity(f.key("parity", None)),
         extra=dict(f.key("extra", {}).obj()),
         optimized=_optimized(f.key("optimized", None)),
+        per_row=f.key("per_row", False).bool(),
     )
 
 
@@ -357,15 +367,30 @@ def check_wiring(manifest: Manifest, where: str = MANIFEST_NAME) -> None:
         for chunk in component.chunks:
             if chunk.format not in CHUNK_FORMATS:
                 raise BundleError(f"{where}: chunk {chunk.id} has unknown format {chunk.format!r}")
-            for spec in chunk.inputs:
-                _check_bound(where, chunk.id, spec, known)
+            rows = {_check_bound(where, chunk.id, spec, known, chunk.per_row) for spec in chunk.inputs}
+            if chunk.per_row and len(rows) != 1:
+                raise BundleError(f"{where}: per-row chunk {chunk.id} is fed batches of different sizes "
+                                  f"({sorted(rows)}) or none", "the manifest is inconsistent; re-export the bundle")
             for spec in chunk.outputs:
-                known[f"{chunk.id}:{spec.name}"] = spec
+                known[f"{chunk.id}:{spec.name}"] = _batched(where, chunk, spec, rows)
         for spec in component.outputs:
             _check_bound(where, f"{component.id} (output)", spec, known)
 
 
-def _check_bound(where: str, owner: str, spec: TensorSpec, known: dict[str, TensorSpec]) -> None:
+def _batched(where: str, chunk: Chunk, spec: TensorSpec, rows: set[int]) -> TensorSpec:
+    """What a chunk's output is to its readers: itself, or for a per-row chunk its rows stacked to the batch."""
+    if not chunk.per_row:
+        return spec
+    if not spec.shape or spec.shape[0] != 1:
+        raise BundleError(f"{where}: per-row chunk {chunk.id} output {spec.name!r} is {list(spec.shape)}, not one row",
+                          "the manifest is inconsistent; re-export the bundle")
+    return TensorSpec(spec.name, spec.dtype, (next(iter(rows)), *spec.shape[1:]), spec.source)
+
+
+def _check_bound(where: str, owner: str, spec: TensorSpec, known: dict[str, TensorSpec], per_row: bool = False
+                 ) -> int:
+    """Check that ``spec`` is fed by a known tensor of its dtype and shape (for a per-row chunk's input: of its
+    shape but for the batch, and ``spec`` one row); returns the batch it is fed with."""
     if spec.dtype not in DTYPES:
         raise BundleError(f"{where}: {owner} tensor {spec.name!r} has unknown dtype {spec.dtype!r}")
     source = known.get(spec.source or "")
@@ -375,9 +400,11 @@ def _check_bound(where: str, owner: str, spec: TensorSpec, known: dict[str, Tens
             "chunk provides",
             "the manifest is inconsistent; re-export the bundle",
         )
-    if source.shape != spec.shape or source.dtype != spec.dtype:
+    row_fits = bool(spec.shape) and spec.shape[0] == 1 and source.shape[1:] == spec.shape[1:] and bool(source.shape)
+    if (not row_fits if per_row else source.shape != spec.shape) or source.dtype != spec.dtype:
         raise BundleError(
             f"{where}: {owner} input {spec.name!r} is {spec.dtype}{list(spec.shape)} but {spec.source} is "
             f"{source.dtype}{list(source.shape)}",
             "the manifest is inconsistent; re-export the bundle",
         )
+    return source.shape[0] if source.shape else 0

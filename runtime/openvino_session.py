@@ -152,3 +152,18 @@ class OpenVinoSession:
         feeds = {name: value for name, value in feeds.items() if name in self._inputs}
         results = self._request.infer(feeds, share_inputs=True, share_outputs=False)
         return {name: results[port] for name, port in self._outputs}
+
+
+class PrefixedSession:
+    """Per-row chunks (``prefix``: each with its session, run for each distinct row) and then the rest of the
+    component as one model, fed the component's inputs and the prefix's outputs by their manifest names."""
+
+    def __init__(self, prefix: Sequence[tuple[Chunk, Any]], rest: OpenVinoSession) -> None:
+        self._prefix = list(prefix)
+        self._rest = rest
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = dict(feeds)
+        for chunk, session in self._prefix:
+            values.update(session.run({t.name: values[t.name] for t in chunk.inputs}))
+        return self._rest.run(values)

@@ -37,6 +37,7 @@ from pocketsd.runtime.images import image_to_array, to_pil
 from pocketsd.runtime.inpaint import Inpainting, latent_mask, mask_to_array
 from pocketsd.runtime.json_fields import REEXPORT, Field
 from pocketsd.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
+from pocketsd.runtime.per_row import equal_rows_together
 from pocketsd.runtime.schedulers import NoiseSource, make_scheduler
 from pocketsd.runtime.sessions import SessionOptions, check_engine, open_workers, verify_chunk, verify_in_background
 from pocketsd.runtime.tiling import TileIO, call_tiled, decoder_head
@@ -149,6 +150,11 @@ class Pipeline:
         runner = self.runner("unet")
         t = np.full((batch,), timestep, dtype=np.float32)
         conditioning = context if isinstance(context, dict) else {UNET_IO.encoder_hidden_states: context}
+        if any(chunk.per_row for chunk in runner.component.chunks):  # equal rows into one call (runtime/per_row.py)
+            order = equal_rows_together(sample)
+            if (order != np.arange(len(order))).any():
+                noise = self.unet(sample[order], timestep, {k: v[order] for k, v in conditioning.items()})
+                return noise[np.argsort(order)]
         feeds = []
         for start in range(0, sample.shape[0], batch):
             rows = np.arange(start, start + batch).clip(max=sample.shape[0] - 1)

@@ -27,6 +27,7 @@ from pocketsd.runtime.hashing import (
 )
 from pocketsd.runtime.manifest import Chunk, Component, Manifest
 from pocketsd.runtime.onnx_refs import check_chunk_refs
+from pocketsd.runtime.per_row import PerRowSession
 
 log = logging.getLogger(__name__)
 
@@ -295,13 +296,16 @@ def open_chunk(bundle_dir: Path, chunk: Chunk, options: SessionOptions) -> Chunk
     else:  # unhashed files are still kept inside the bundle
         check_chunk_refs(bundle_dir, chunk)
     log.debug("opening %s (%s)", chunk.id, chunk.file.path)
-    return BACKENDS.get(chunk.format).open(bundle_dir, chunk, options)
+    session = BACKENDS.get(chunk.format).open(bundle_dir, chunk, options)
+    return PerRowSession(session, chunk) if chunk.per_row else session
 
 
 def open_component(bundle_dir: Path, component: Component, options: SessionOptions) -> ChunkSession | None:
     """One session for all of ``component``'s chunks, where the engine can join them into one model (OpenVINO:
     openvino_session.merged_model, after every chunk's files are verified); None where it cannot (onnxruntime, other
-    formats) or need not (one chunk): the component's chunks are then opened one by one."""
+    formats) or need not (one chunk): the component's chunks are then opened one by one. Per-row chunks that take
+    only component inputs (a shared prefix, runtime/per_row.py) stay sessions of their own, run before the rest's
+    joined model (``PrefixedSession``)."""
     chunks = component.chunks
     if options.engine == ORT_ENGINE or len(chunks) < 2 or any(c.format != "onnx" for c in chunks):
         return None
@@ -310,10 +314,20 @@ def open_component(bundle_dir: Path, component: Component, options: SessionOptio
             verify_chunk(bundle_dir, chunk, options.disk_cache)
         else:
             check_chunk_refs(bundle_dir, chunk)
-    from pocketsd.runtime.openvino_session import OpenVinoSession
+    from pocketsd.runtime.openvino_session import OpenVinoSession, PrefixedSession
 
-    log.debug("opening %s's %d chunks as one model", component.id, len(chunks))
-    return OpenVinoSession.component(bundle_dir, component, options.threads, bf16=options.engine == OPENVINO_BF16)
+    bf16 = options.engine == OPENVINO_BF16
+    rows = [c for c in chunks if c.per_row]
+    if not rows:
+        log.debug("opening %s's %d chunks as one model", component.id, len(chunks))
+        return OpenVinoSession.component(bundle_dir, component, options.threads, bf16=bf16)
+    if any(not (spec.source or "").startswith("input:") for chunk in rows for spec in chunk.inputs):
+        return None  # a per-row chunk after others: not a prefix, chained chunk by chunk
+    rest = replace(component, chunks=tuple(c for c in chunks if not c.per_row))
+    log.debug("opening %s's %d per-row chunk(s) and its %d others as one model", component.id, len(rows),
+              len(rest.chunks))
+    prefix = [(chunk, open_chunk(bundle_dir, chunk, options)) for chunk in rows]
+    return PrefixedSession(prefix, OpenVinoSession.component(bundle_dir, rest, options.threads, bf16=bf16))
 
 
 def graph_cache_chunks(bundle_dir: Path, manifest: Manifest, options: SessionOptions = SessionOptions()) -> list[Chunk]:

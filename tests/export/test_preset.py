@@ -20,7 +20,7 @@ def test_every_builtin_preset_parses(name: str):
 
 def test_cpu_preset_is_four_unet_chunks_fp32():
     preset = load_preset("cpu")
-    assert preset.split_for("unet") == SplitRequest(n_chunks=4)
+    assert preset.split_for("unet") == SplitRequest(n_chunks=4, shared_prefix=True)
     assert preset.split_for("vae_decoder") == SplitRequest()
     assert (preset.backend, preset.precision, preset.unet_batch) == ("onnx", "fp32", 2)
 
@@ -78,9 +78,10 @@ def test_unknown_preset_name_lists_builtins():
 
 def test_cli_overrides_are_checked_like_preset_keys():
     preset = with_overrides(load_preset("cpu"), {"unet": 2}, None, "256x384")
-    assert preset.split_for("unet") == SplitRequest(n_chunks=2) and preset.resolution == (256, 384)
+    assert preset.split_for("unet") == SplitRequest(n_chunks=2, shared_prefix=True)  # the preset's prefix kept
+    assert preset.resolution == (256, 384)
     budget = with_overrides(load_preset("cpu"), None, 300, None)
-    assert budget.split_for("unet") == SplitRequest(max_bytes=300_000_000)
+    assert budget.split_for("unet") == SplitRequest(max_bytes=300_000_000, shared_prefix=True)
     with pytest.raises(PresetError, match="unknown component 'unetz'"):
         with_overrides(load_preset("cpu"), {"unetz": 2})
     with pytest.raises(PresetError, match="--resolution"):
