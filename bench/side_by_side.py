@@ -268,6 +268,9 @@ def batch_one(request: BenchRequest, model: str, size: int, tick: Tick) -> dict[
 
     data = yaml.safe_load(preset_text(request.preset)[0])
     data.update(name=f"{data.get('name', 'preset')}-batch1", unet_batch=1)
+    for split in (data.get("split") or {}).values():  # a batch-1 UNet has no second row to share a prefix with
+        if isinstance(split, dict):
+            split.pop("shared_prefix", None)
     preset = request.work / f"{Path(request.preset).stem}-batch1.yaml"
     preset.parent.mkdir(parents=True, exist_ok=True)
     preset.write_text(yaml.safe_dump(data))

@@ -78,11 +78,11 @@ def test_bench_measures_contenders_interleaved(tiny_model_dir: Path, tiny_bundle
         for key in ("cold_load_s", "warm_load_s", "generate_s", "peak_rss_calls_mb", "peak_rss_generate_mb"):
             assert row[key] > 0, key
         assert row["versions"] and row["describe"]
-    assert sorted(ours["chunk_s_median"]) == ["unet.00", "unet.01", "unet.02", "unet.03"]
+    assert sorted(ours["chunk_s_median"]) == ["unet.00", "unet.01", "unet.02", "unet.03", "unet.04"]
     # pocketsd on onnxruntime also loads once in a fresh process with an empty cache folder, removed after
     assert ours["first_load_no_cache_s"] > 0 and "first_load_no_cache_s" not in torch_row
     assert "pocketsd-onnxruntime load without cache" in ticks and not list(work.glob(".fresh-cache-*"))
-    assert ours["unet_chunks"] == 4 and ours["bundle_disk_bytes"] > 0
+    assert ours["unet_chunks"] == 5 and ours["bundle_disk_bytes"] > 0
     # every contender computed the same model: the chunked fp32 bundle matches diffusers' UNet output (export parity
     # of the tiny model is ~1e-6)
     assert ours["vs_reference"]["reference"] == "diffusers-torch" and ours["vs_reference"]["max_abs"] < 1e-4
@@ -107,10 +107,11 @@ def test_bench_measures_contenders_interleaved(tiny_model_dir: Path, tiny_bundle
     bundle = section["bundles"]["batch1"]
     assert bundle["export"]["exit_code"] == 0 and bundle["dims"]["unet_batch"] == 1
     assert "unet_batch: 1" in (work / "cpu-batch1.yaml").read_text()
+    assert "shared_prefix" not in (work / "cpu-batch1.yaml").read_text()
     (row,) = section["rows"]  # pocketsd's chunked contenders only: the peers are not timed again
     assert "first_load_no_cache_s" not in row
     assert row["contender"] == "pocketsd-onnxruntime" and "error" not in row, row
-    assert len(row["unet_call_s"]["all"]) == 3 and row["unet_chunks"] == 4
+    assert len(row["unet_call_s"]["all"]) == 3 and row["unet_chunks"] == 4  # no shared prefix at batch 1
     # half the arithmetic of the batch-2 call (the FLOPs counted from each bundle's own graph)
     ratio = section["unet_gflop_per_call"] / result["resolutions"][0]["unet_gflop_per_call"]
     assert 0.49 < ratio < 0.51, ratio

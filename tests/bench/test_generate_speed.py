@@ -18,7 +18,7 @@ def test_generate_speed_writes_its_figures(tiny_bundle: Path, tmp_path: Path, ca
     out = tmp_path / "speed.json"
     assert main([str(tiny_bundle), "--steps", "3", "--json", str(out), *(["--memory", memory] if memory else [])]) == 0
     result = json.loads(out.read_text())
-    assert result["unet_chunks"] == 4 and result["resolution"] == "128x128"
+    assert result["unet_chunks"] == 5 and result["resolution"] == "128x128"
     assert result["memory"] == (memory or "resident") and result["load_s_covers"] and result["engine"] == "onnxruntime"
     for key in ("load_s", "text_encode_s", "step_s_median", "vae_decode_s", "peak_rss_mb"):
         assert result[key] > 0, key

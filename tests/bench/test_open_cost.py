@@ -17,7 +17,7 @@ pytestmark = pytest.mark.export
 def test_open_cost_writes_both_ways(tiny_bundle: Path, tmp_path: Path, capsys):
     assert main([str(tiny_bundle), "--repeats", "2", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["chunks"] == 4 and result["repeats"] == 2
+    assert result["chunks"] == 5 and result["repeats"] == 2
     for way in ("optimized", "original"):
         assert 0 < result[way]["slowest_chunk_s"] <= result[way]["all_chunks_s"]
     assert "| optimized |" in (tmp_path / "result.md").read_text() and "unet chunks" in capsys.readouterr().out

@@ -23,18 +23,23 @@ NEEDS_MAC = "CoreML predictions need macOS: coremltools cannot run models on Lin
 
 
 def preset_file(tmp_path: Path, text: str) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "preset.yaml"
     path.write_text(text)
     return path
 
 
-def test_coreml_chunks_have_the_onnx_boundaries_and_names(tiny_model_dir: Path, tiny_bundle: Path, tmp_path: Path):
-    """Same split request and fp32 weights as the cpu preset → the same plan, chunk for chunk, name for name."""
-    preset = preset_file(tmp_path, "backend: coreml\nprecision: fp32\nunet_batch: 2\ncomponents: [text_encoder, unet]\n"
-                                   "split:\n  unet: {n_chunks: 4}\ncoreml: {deployment_target: iOS17}\n")
-    coreml = load_manifest(export_bundle(ExportRequest(str(tiny_model_dir), load_preset(str(preset)),
-                                                       tmp_path / "coreml", progress=False, warm_cache=False)))
-    onnx = load_manifest(tiny_bundle)
+def test_coreml_chunks_have_the_onnx_boundaries_and_names(tiny_model_dir: Path, tmp_path: Path):
+    """Same split request and fp32 weights in both backends → the same plan, chunk for chunk, name for name (the
+    cpu preset's request, less its shared prefix, which CoreML presets cannot ask for)."""
+    body = "precision: fp32\nunet_batch: 2\ncomponents: [text_encoder, unet]\nsplit:\n  unet: {n_chunks: 4}\n"
+    bundles = {}
+    for backend, extra in (("coreml", "coreml: {deployment_target: iOS17}\n"), ("onnx", "")):
+        preset = preset_file(tmp_path / backend, f"backend: {backend}\n{body}{extra}")
+        bundles[backend] = load_manifest(export_bundle(ExportRequest(
+            str(tiny_model_dir), load_preset(str(preset)), tmp_path / backend / "bundle", progress=False,
+            warm_cache=False)))
+    coreml, onnx = bundles["coreml"], bundles["onnx"]
     for cid in ("text_encoder", "unet"):
         component = onnx.component(cid)
         other = coreml.component(cid)
@@ -44,7 +49,7 @@ def test_coreml_chunks_have_the_onnx_boundaries_and_names(tiny_model_dir: Path, 
             assert b.format == "mlpackage" and b.parity is None if not ON_MAC else True
         assert component.outputs == other.outputs and component.inputs == other.inputs
     chunk = coreml.component("unet").chunks[1]
-    report = read_spec(tmp_path / "coreml" / chunk.file.path)
+    report = read_spec(tmp_path / "coreml" / "bundle" / chunk.file.path)
     assert [f.name for f in report.inputs] == [coreml_name(t.name) for t in chunk.inputs]
     assert [f.name for f in report.outputs] == [coreml_name(t.name) for t in chunk.outputs]
     assert chunk.extra["coreml"]["feature_names"] == {t.name: coreml_name(t.name) for t in chunk.inputs + chunk.outputs}

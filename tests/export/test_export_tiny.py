@@ -29,7 +29,9 @@ from pocketsd.runtime.sessions import OnnxSession, SessionOptions  # noqa: E402
 def test_cpu_bundle_has_four_unet_chunks_all_above_threshold(tiny_bundle: Path):
     manifest = load_manifest(tiny_bundle)
     unet = manifest.component("unet")
-    assert [c.id for c in unet.chunks] == ["unet.00", "unet.01", "unet.02", "unet.03"]
+    # the shared prefix (export/shared_prefix.py), then the preset's four chunks
+    assert [c.id for c in unet.chunks] == ["unet.00", "unet.01", "unet.02", "unet.03", "unet.04"]
+    assert [c.per_row for c in unet.chunks] == [True, False, False, False, False]
     for component in manifest.components.values():
         assert component.parity.psnr_db >= TOL["export_min_psnr_db"]
         for chunk in component.chunks:
@@ -37,7 +39,7 @@ def test_cpu_bundle_has_four_unet_chunks_all_above_threshold(tiny_bundle: Path):
     assert set(manifest.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     plan = json.loads((tiny_bundle / manifest.plan.path).read_text())["components"]["unet"]
     assert [c["id"] for c in plan["chunks"]] == [c.id for c in unet.chunks]
-    assert plan["strategy"] == "split::n_chunks" and len(plan["cuts"]) == 3
+    assert plan["strategy"] == "split::n_chunks" and len(plan["cuts"]) == 4
 
 
 def test_inspect_json_lists_chunk_figures(tiny_bundle: Path, capsys: pytest.CaptureFixture[str]):
@@ -88,7 +90,8 @@ def test_another_architecture_exports_and_chains(tmp_path: Path):
     preset = with_overrides(load_preset("cpu"), {"unet": 3, "text_encoder": 2})
     bundle = export_bundle(ExportRequest(str(model), preset, tmp_path / "bundle", progress=False, warm_cache=False))
     manifest = load_manifest(bundle)
-    assert len(manifest.component("unet").chunks) == 3 and len(manifest.component("text_encoder").chunks) == 2
+    unet = manifest.component("unet").chunks  # its shared prefix, then the three asked for
+    assert len(unet) == 4 and unet[0].per_row and len(manifest.component("text_encoder").chunks) == 2
     assert manifest.dims["height"] == 32 and manifest.dims["text_hidden"] == 48
     for component in manifest.components.values():
         assert component.parity.psnr_db >= TOL["export_min_psnr_db"], component.id

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pocketsd.cli import main
 from pocketsd.errors import BundleError, GenerateError
@@ -33,6 +34,7 @@ from pocketsd.runtime.sessions import (
     onnx_session_options,
     open_chunk,
 )
+from tests.conftest import TOL
 
 pytestmark = pytest.mark.export  # the tiny bundle is made by the exporter
 
@@ -97,10 +99,17 @@ def generate(pipe: Pipeline, steps: int = 3) -> np.ndarray:
                 seed=1, output_type="np")
 
 
+# Streamed sessions do not prepack their weights (``SessionOptions.transient``), and for the shared prefix's one-row
+# shapes onnxruntime then takes other MatMul kernels: the prefix's outputs differ by up to 1.1e-6 from a resident
+# session's (measured on the tiny and the shapes bundles), which is where the policies' results part. Every other
+# chunk computes bit for bit alike under every policy.
+PREFIX_KERNELS_MAX_ABS = TOL["chunked_vs_unchunked_max_abs"]
+
+
 def test_every_policy_gives_the_same_picture(tiny_bundle: Path):
     images = {m: generate(Pipeline.from_bundle(tiny_bundle, memory=m)) for m in ("resident", "stream", "prefetch")}
-    assert np.array_equal(images["resident"], images["stream"])
-    assert np.array_equal(images["resident"], images["prefetch"])
+    assert np.abs(images["resident"] - images["stream"]).max() <= PREFIX_KERNELS_MAX_ABS
+    assert np.array_equal(images["stream"], images["prefetch"])
 
 
 def test_stream_keeps_one_session_alive_and_opens_each_chunk_per_use(tiny_bundle: Path, census: Census):
@@ -154,7 +163,7 @@ def test_chunk_major_unet_opens_each_chunk_once_per_step_with_the_same_result(ti
     pipe = Pipeline.from_bundle(tiny_bundle, memory=memory)
     pipe.policy.hint(None)
     got = pipe.unet(sample, 500.0, context)
-    assert np.array_equal(got, expected)
+    assert np.abs(got - expected).max() <= PREFIX_KERNELS_MAX_ABS
     assert census.opened == [c.id for c in pipe.manifest.component("unet").chunks]
 
 
@@ -208,8 +217,10 @@ def test_cli_low_memory_gives_the_same_png(tiny_bundle: Path, tmp_path: Path, ca
     assert cli(capsys, tiny_bundle, tmp_path / "resident.png")[0] == 0
     assert cli(capsys, tiny_bundle, tmp_path / "low.png", "--low-memory")[0] == 0
     assert cli(capsys, tiny_bundle, tmp_path / "prefetch.png", "--memory", "prefetch")[0] == 0
-    assert (tmp_path / "low.png").read_bytes() == (tmp_path / "resident.png").read_bytes()
-    assert (tmp_path / "prefetch.png").read_bytes() == (tmp_path / "resident.png").read_bytes()
+    pixels = {name: np.asarray(Image.open(tmp_path / f"{name}.png"), np.int16)
+              for name in ("low", "prefetch", "resident")}
+    for name in ("low", "prefetch"):  # both streamed: PREFIX_KERNELS_MAX_ABS may round a pixel the other way
+        assert np.abs(pixels[name] - pixels["resident"]).max() <= 1, name
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -319,7 +330,7 @@ def test_chunk_sessions_stop_spinning_when_a_run_returns():
 def test_resident_low_memory_sessions_share_one_arena_and_give_the_same_picture(tiny_bundle: Path):
     """The tiny chunks are all small: every resident low-memory session uses the shared arena, and shrinks it after
     each run; other sessions run with onnxruntime's default run options."""
-    chunk = load_manifest(tiny_bundle).component("unet").chunks[0]
+    chunk = next(c for c in load_manifest(tiny_bundle).component("unet").chunks if not c.per_row)
     shared = open_chunk(tiny_bundle, chunk, SessionOptions(low_memory=True))._run_options
     assert shared.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
     assert open_chunk(tiny_bundle, chunk, SessionOptions())._run_options is None
@@ -338,11 +349,12 @@ def test_streamed_sessions_hand_out_arrays_of_their_own(tiny_bundle: Path):
             assert isinstance(largest, int) and largest >= max(int(np.prod(t.shape)) * 4 for t in chunk.outputs)
     first = manifest.component("unet").chunks[0]
     assert onnx_session_options(SessionOptions(transient=True), first).enable_cpu_mem_arena
-    feeds = {t.name: np.zeros(t.shape, np.float32) for t in first.inputs}
+    rng = np.random.default_rng(0)  # not zeros: a GroupNorm over a constant input magnifies rounding 300-fold
+    feeds = {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in first.inputs}
     streamed = open_chunk(tiny_bundle, first, SessionOptions(transient=True)).run(feeds)
     resident = open_chunk(tiny_bundle, first, SessionOptions()).run(feeds)
     assert all(v.base is None and v.flags.owndata for v in streamed.values())
-    assert all(np.array_equal(streamed[k], resident[k]) for k in resident)
+    assert all(np.abs(streamed[k] - resident[k]).max() <= PREFIX_KERNELS_MAX_ABS for k in resident)
 
 
 def test_a_bundle_too_large_to_keep_open_here_is_streamed(tiny_bundle: Path, monkeypatch, caplog):
