@@ -37,10 +37,13 @@ class Captured:
 
 @dataclass
 class RowGraph:
-    """The component captured again at batch 1, for its per-row chunk."""
+    """The component captured again at batch 1, for its per-row chunk. Its prefix ends at the same place but may hold
+    other ops than the batch's: sliced attention (components/attention.py) cuts the queries by bytes, so a row
+    takes fewer slices than the batch."""
 
     graph_module: fx.GraphModule
     summary: GraphSummary
+    prefix: Prefix
 
 
 def example_value(io: IOSpec, shape: tuple[int, ...], dims: Dims, generator: torch.Generator) -> torch.Tensor:
@@ -114,10 +117,9 @@ def capture(spec: ComponentSpec, model: torch.nn.Module, dims: Dims, seed: int =
     if prefix is not None:
         row_examples = tuple(x[:1] for x in examples)
         row_module, row_summary, row_prefix = _export(spec, model, row_examples, True)
-        if row_prefix != prefix:
-            raise InternalError(f"{spec.id}: the shared prefix differs at batch 1 ({row_prefix}) and at batch "
-                                f"{len(examples[0])} ({prefix})")
-        rows = RowGraph(row_module, row_summary)
+        if row_prefix is None:
+            raise InternalError(f"{spec.id}: a shared prefix at batch {len(examples[0])} but none at batch 1")
+        rows = RowGraph(row_module, row_summary, row_prefix)
     reference = run_component(spec, model, examples)
     inputs = tuple(TensorSpec(io.name, io.dtype, tuple(x.shape)) for io, x in zip(spec.inputs, examples))
     outputs = tuple(TensorSpec(io.name, io.dtype, tuple(y.shape)) for io, y in zip(spec.outputs, reference))

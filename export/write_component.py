@@ -21,7 +21,15 @@ from pocketsd.errors import InternalError, PlanError
 from pocketsd.export.backends.base import Fp32Reference, backend_for
 from pocketsd.export.capture import Captured
 from pocketsd.export.parity import ParityGate
-from pocketsd.export.plan import BoundaryTensor, ComponentPlan, CutTable, analyze_cuts, build_plan, describe_bytes
+from pocketsd.export.plan import (
+    BoundaryTensor,
+    ComponentPlan,
+    CutTable,
+    PlannedChunk,
+    analyze_cuts,
+    build_plan,
+    describe_bytes,
+)
 from pocketsd.export.preset import Preset
 from pocketsd.export.slicing import ChunkModule, slice_chunk, slice_plan
 from pocketsd.export.split_strategies import STRATEGIES
@@ -104,28 +112,35 @@ def _with_prefix(captured: Captured, table: CutTable, positions: list[int], reas
                           "run once per distinct row")
 
 
-def _per_row_first(captured: Captured, plan: ComponentPlan, weight_bytes: dict[str, int] | None) -> ComponentPlan:
-    """``plan`` with its first chunk, the shared prefix, planned again on the batch-1 graph: the same ops, values
-    and names at one row's shapes."""
-    assert captured.rows is not None and captured.prefix is not None
-    rows = build_plan(captured.rows.summary, [captured.prefix.ops], strategy=plan.strategy, request=plan.request,
+def _row_chunk(captured: Captured, plan: ComponentPlan, weight_bytes: dict[str, int] | None) -> PlannedChunk:
+    """The shared prefix planned on the batch-1 graph: its boundary at one row's shapes, its values named as in
+    that graph (for slicing it)."""
+    assert captured.rows is not None
+    return build_plan(captured.rows.summary, [captured.rows.prefix.ops], strategy=plan.strategy, request=plan.request,
                       reason=plan.reason, output_names=[t.name for t in captured.outputs],
                       input_names=[t.name for t in captured.inputs], weight_bytes=weight_bytes).chunks[0]
-    first = plan.chunks[0]
-    same = (rows.input_values, rows.output_values, [t.name for t in rows.inputs], [t.name for t in rows.outputs]) == \
-        (first.input_values, first.output_values, [t.name for t in first.inputs], [t.name for t in first.outputs])
-    if not same:
-        raise InternalError(f"{captured.spec.id}: the shared prefix captured at batch 1 has other boundary values "
-                            f"than at the batch ({rows.output_values} vs {first.output_values})")
-    return replace(plan, chunks=(replace(rows, per_row=True), *plan.chunks[1:]))
 
 
-def slice_component(captured: Captured, plan: ComponentPlan) -> list[ChunkModule]:
+def _per_row_first(captured: Captured, plan: ComponentPlan, weight_bytes: dict[str, int] | None) -> ComponentPlan:
+    """``plan`` with its first chunk, the shared prefix, as the batch-1 graph has it: the same boundary tensors
+    (names, order, and all but the batch of their shapes) at one row's shapes. Its values keep the batch graph's
+    names, which the reference values and the later chunks use (``slice_component`` slices it by its own)."""
+    rows, first = _row_chunk(captured, plan, weight_bytes), plan.chunks[0]
+    ends = [[(t.name, t.dtype, t.shape[1:]) for t in c.inputs + c.outputs] for c in (rows, first)]
+    if ends[0] != ends[1]:
+        raise InternalError(f"{captured.spec.id}: the shared prefix captured at batch 1 has another boundary than at "
+                            f"the batch ({[t.name for t in rows.outputs]} vs {[t.name for t in first.outputs]})")
+    chunk = replace(rows, per_row=True, input_values=first.input_values, output_values=first.output_values)
+    return replace(plan, chunks=(chunk, *plan.chunks[1:]))
+
+
+def slice_component(captured: Captured, plan: ComponentPlan,
+                    weight_bytes: dict[str, int] | None = None) -> list[ChunkModule]:
     """The plan's chunk modules: a per-row chunk cut from the batch-1 graph, the others from the captured one."""
-    modules = slice_plan(captured.graph_module, replace(plan, chunks=tuple(c for c in plan.chunks if not c.per_row)))
-    rows = iter(modules)
-    return [ChunkModule(c, slice_chunk(captured.rows.graph_module, c)) if c.per_row and captured.rows is not None
-            else next(rows) for c in plan.chunks]
+    modules = iter(slice_plan(captured.graph_module,
+                              replace(plan, chunks=tuple(c for c in plan.chunks if not c.per_row))))
+    return [ChunkModule(c, slice_chunk(captured.rows.graph_module, _row_chunk(captured, plan, weight_bytes)))
+            if c.per_row and captured.rows is not None else next(modules) for c in plan.chunks]
 
 
 def _run_chunk(chunk: ChunkModule, feeds: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -171,7 +186,7 @@ def write_component(captured: Captured, preset: Preset, bundle_dir: Path, *, pro
                     extra: dict | None = None) -> WrittenComponent:
     """Plan, cut and write every chunk of ``captured`` (the part that needs torch); nothing is run yet."""
     plan = plan_component(captured, preset, weight_bytes)
-    chunk_modules = slice_component(captured, plan)
+    chunk_modules = slice_component(captured, plan, weight_bytes)
     folder = bundle_dir / captured.spec.id
     folder.mkdir()
     job = ComponentJob(captured, plan, chunk_modules, reference_values(captured, chunk_modules), preset, folder,

@@ -3,6 +3,7 @@ exported at batch 1, and refused where it cannot apply."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from pocketsd.errors import PresetError  # noqa: E402
 from pocketsd.export.capture import capture  # noqa: E402
 from pocketsd.export.exporter import component_spec, resolve_dims  # noqa: E402
 from pocketsd.export.model_loader import load_module, open_model_folder  # noqa: E402
-from pocketsd.export.preset import load_preset, with_overrides  # noqa: E402
+from pocketsd.export.preset import load_preset, preset_text, with_overrides  # noqa: E402
 from pocketsd.export.random_model import builtin_configs, write_random_model  # noqa: E402
 from pocketsd.export.shared_prefix import SHARED_INPUTS  # noqa: E402
 from pocketsd.runtime.manifest import load_manifest  # noqa: E402
@@ -52,9 +53,9 @@ def test_the_prefix_reads_no_text_and_the_reordered_graph_computes_the_same(tiny
     np.testing.assert_allclose(got[0].numpy() if isinstance(got, (tuple, list)) else got.numpy(),
                                captured.reference_outputs[0].numpy(), atol=1e-5)
     rows = captured.rows  # captured again at batch 1, reordered alike
-    assert rows is not None
+    assert rows is not None and rows.prefix == prefix  # attention not sliced: the same ops
     assert [op.name for op in rows.summary.ops[:prefix.ops]] == [op.name for op in summary.ops[:prefix.ops]]
-    assert rows.summary.values[summary.inputs[0]].shape[0] == 1
+    assert rows.summary.values[rows.summary.inputs[0]].shape[0] == 1
 
 
 def test_no_prefix_where_the_text_enters_before_any_block(tmp_path: Path):
@@ -116,3 +117,29 @@ def test_a_budget_smaller_than_the_prefix_is_one_line(tiny_model_dir: Path):
     assert cuts == [end, end + 40] and reason.startswith("asked; before them the shared prefix")
     with pytest.raises(PlanError, match="its shared prefix holds .* more than the .* per-chunk budget"):
         _with_prefix(captured, table, [], "asked", prefix_bytes - 1)
+
+
+def test_sliced_attention_makes_another_prefix_at_one_row_with_the_same_boundary(tiny_model_dir: Path,
+                                                                                  tiny_bundle: Path, tmp_path: Path):
+    """Sliced attention cuts the queries by bytes, so one row takes fewer slices than two: the batch-1 prefix holds
+    fewer ops (the full-size cpu-int8 UNet: 382 against 702). Its chunk still has the batch's boundary, and the
+    bundle computes the UNet of the plain cpu bundle."""
+    from pocketsd.export.exporter import ExportRequest, export_bundle
+    from pocketsd.runtime.chain import ComponentRunner
+    from pocketsd.runtime.sessions import SessionOptions
+
+    preset = tmp_path / "sliced.yaml"
+    preset.write_text(preset_text("cpu")[0] + "attention: {form: sliced, slice_mb: 0.05}\n")
+    bundle = export_bundle(ExportRequest(str(tiny_model_dir), load_preset(str(preset)), tmp_path / "b",
+                                         progress=False, warm_cache=False))
+    plan = json.loads((bundle / "plan.json").read_text())["components"]["unet"]
+    assert plan["chunks"][0]["op_end"] < plan["cuts"][0]["before_op"]  # fewer ops at one row
+    got, want = (load_manifest(b).component("unet") for b in (bundle, tiny_bundle))
+    assert got.chunks[0].per_row and [t.name for t in got.chunks[0].outputs] == [t.name for t in want.chunks[0].outputs]
+    rng = np.random.default_rng(0)
+    feeds = {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in want.inputs}
+    feeds["timestep"] = np.full(want.inputs[1].shape, 801.0, np.float32)
+    feeds["sample"] = np.repeat(feeds["sample"][:1], 2, axis=0)
+    a, b = (ComponentRunner.open(x, c, SessionOptions())(**feeds)["noise_pred"]
+            for x, c in ((bundle, got), (tiny_bundle, want)))
+    assert np.abs(a - b).max() <= TOL["chunked_vs_unchunked_max_abs"]
