@@ -129,7 +129,8 @@ def test_sliced_attention_makes_another_prefix_at_one_row_with_the_same_boundary
     from pocketsd.runtime.sessions import SessionOptions
 
     preset = tmp_path / "sliced.yaml"
-    preset.write_text(preset_text("cpu")[0] + "attention: {form: sliced, slice_mb: 0.05}\n")
+    # the first self-attention's scores: 4 heads × 256² fp32 = 1 MiB a row, so two rows take two slices, one row one
+    preset.write_text(preset_text("cpu")[0] + "attention: {form: sliced, slice_mb: 1.5}\n")
     bundle = export_bundle(ExportRequest(str(tiny_model_dir), load_preset(str(preset)), tmp_path / "b",
                                          progress=False, warm_cache=False))
     plan = json.loads((bundle / "plan.json").read_text())["components"]["unet"]
