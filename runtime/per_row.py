@@ -11,9 +11,9 @@ component's batch.
 Rows whose feeds are equal (every row of a guided step, once per image) run once and share the result. Comparing the
 rows costs microseconds (SD 1.5 at 512²: 2 × 16 K latents). The prefix alone is 5.5 % of a UNet call at 512² (OpenVINO
 bf16: 86 ms at batch 1 against 167 ms at batch 2) and 2.6 % at 256²; what running it once saves, net of stacking its
-outputs and of the cut: the SD 1.5 ``cpu`` bundle on OpenVINO bf16, one pipeline, calls with equal latent rows against
-calls whose rows differ in one element, interleaved (median of the pairs' ratios, 20 pairs at 256², 12 at 512²):
-1.5 % of the call at 256², 4.7 % at 512².
+outputs and of the cut (``python -m pocketsd.bench.shared_prefix``: the SD 1.5 ``cpu`` bundle, one pipeline, calls
+with equal latent rows against calls whose rows differ in one element, alternating; median of the rounds' ratios):
+OpenVINO bf16 1.5–4.7 % of the call at 256², 4.7–5.3 % at 512² (two sittings each); onnxruntime 2.8 % and 3.2 %.
 """
 
 from __future__ import annotations
