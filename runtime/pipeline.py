@@ -20,11 +20,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pocketsd.contract import MAX_IMAGES, TEXT_ENCODER_IO, UNET_IO, VAE_DECODER_IO, VAE_ENCODER_IO
+from pocketsd.contract import MAX_IMAGES, UNET_IO, VAE_DECODER_IO, VAE_ENCODER_IO
 from pocketsd.errors import BundleError, GenerateError
 from pocketsd.heap import trimmer
 from pocketsd.runtime.chain import ComponentRunner
-from pocketsd.runtime.conditioning import Encoded, TextConditioning, is_lcm, is_sdxl
+from pocketsd.runtime.conditioning import Encoded, TextConditioning, is_lcm
 from pocketsd.runtime.execution import (
     check_memory,
     check_streamable,
@@ -35,9 +35,10 @@ from pocketsd.runtime.execution import (
 )
 from pocketsd.runtime.images import image_to_array, to_pil
 from pocketsd.runtime.inpaint import Inpainting, latent_mask, mask_to_array
-from pocketsd.runtime.json_fields import REEXPORT, Field
+from pocketsd.runtime.json_fields import Field
 from pocketsd.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 from pocketsd.runtime.per_row import equal_rows_together
+from pocketsd.runtime.request_checks import check_for_generation, check_request, finite
 from pocketsd.runtime.schedulers import NoiseSource, make_scheduler
 from pocketsd.runtime.sessions import SessionOptions, check_engine, open_workers, verify_chunk, verify_in_background
 from pocketsd.runtime.tiling import TileIO, call_tiled, decoder_head
@@ -346,61 +347,3 @@ def _finite_text(encoded: Encoded, whose: str) -> Encoded:
     if encoded.pooled is not None:
         finite(encoded.pooled, "before the first step", f"the second text encoder's pooled output{whose}")
     return encoded
-
-
-def finite(array: np.ndarray, when: str, what: str) -> np.ndarray:
-    """``array``, after checking it holds no NaN or infinity; else a GenerateError saying when and where."""
-    if np.isfinite(array).all():
-        return array
-    nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
-    held = " and ".join(f"{kind} ({n} of {array.size} values)" for kind, n in (("NaN", nan), ("inf", inf)) if n)
-    raise GenerateError(f"{when}: {what} holds {held}",
-                        "the bundle overflows here (weights or precision): check it with `pocketsd inspect`, "
-                        "re-export it, or lower the guidance scale", code="non-finite")
-
-
-def check_request(prompt: Any, negative_prompt: Any, guidance_scale: Any, seed: Any, strength: Any) -> None:
-    """Refuse a request's values of the wrong type or range before any chunk runs (steps: the scheduler's check)."""
-    for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        if value is None and name == "negative_prompt":
-            continue
-        if isinstance(value, (list, tuple)):
-            raise GenerateError(f"{name} is a {type(value).__name__}; this pipeline makes one image per call",
-                                f"pass one str as {name}, and call once per prompt")
-        if not isinstance(value, str):
-            raise GenerateError(f"{name} must be text (a str), not {type(value).__name__}", f"pass {name}='...'")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.number)) \
-            or not np.isfinite(guidance_scale):
-        raise GenerateError(f"guidance scale must be a finite number, got {guidance_scale!r}",
-                            "7.5 is usual; 1 or less turns guidance off")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise GenerateError(f"seed must be a non-negative integer, got {seed!r}")
-    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float, np.number))
-                                 or not 0.0 < strength <= 1.0):
-        raise GenerateError(f"strength must be a number in (0, 1], got {strength!r}", "0.8 is usual for img2img")
-
-
-_DIMS = ("height", "width", "latent_channels", "latent_height", "latent_width", "unet_batch", "vae_scale_factor")
-# component → (inputs, outputs) the pipeline feeds and reads by name
-_NAMED_IO = {"text_encoder": ((), (TEXT_ENCODER_IO.last_hidden_state,)), "vae_decoder": ((), ()),
-             "unet": ((UNET_IO.sample, UNET_IO.timestep, UNET_IO.encoder_hidden_states), (UNET_IO.noise_pred,))}
-_SDXL_NAMED_IO = {**_NAMED_IO, "text_encoder": ((), (TEXT_ENCODER_IO.hidden_embeds,)),
-                  "text_encoder_2": ((), (TEXT_ENCODER_IO.hidden_embeds, TEXT_ENCODER_IO.pooled_outputs)),
-                  "unet": ((*_NAMED_IO["unet"][0], UNET_IO.text_embeds, UNET_IO.time_ids), _NAMED_IO["unet"][1])}
-
-
-def check_for_generation(manifest: Manifest, where: str) -> None:
-    """What generating needs beyond a valid manifest (which may describe some components only: the round trip at
-    export opens those too): the dims, scheduler config and components it reads, so that none is a KeyError mid-way."""
-    for name in _DIMS:
-        if manifest.dims.get(name, 0) < 1:
-            raise Field(None, where, f"dims.{name}").fail("is missing" if name not in manifest.dims else "is 0")
-    Field(manifest.scheduler, where, "scheduler").key("config").obj()
-    for component_id, (inputs, outputs) in (_SDXL_NAMED_IO if is_sdxl(manifest) else _NAMED_IO).items():
-        component = manifest.component(component_id)
-        have_in, have_out = [t.name for t in component.inputs], [t.name for t in component.outputs]
-        missing = [n for n in inputs if n not in have_in] + [n for n in outputs if n not in have_out]
-        if missing or not have_in or not have_out:
-            raise BundleError(f"{where}: component {component_id} lacks {', '.join(missing) or 'inputs or outputs'} "
-                              f"(inputs: {', '.join(have_in) or 'none'}; outputs: {', '.join(have_out) or 'none'})",
-                              REEXPORT)
