@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import tempfile
 import weakref
 from pathlib import Path
 
@@ -118,6 +119,18 @@ def test_each_weight_keeps_its_own_palette_granularity(tmp_path):
     [conv] = [shape for name, shape in luts.items() if name.startswith("p_conv_b_weight")]
     [proj] = [shape for name, shape in luts.items() if name.startswith("p_proj_weight")]
     assert (conv[0], conv[-2]) == (32 // 8, 16) and (proj[0], proj[-2]) == (1, 64)
+
+
+def test_conversion_leaves_no_copy_in_the_temp_folder(tmp_path, monkeypatch):
+    """coremltools converts into a temporary package and deletes it only at exit: each chunk's weights must not stay
+    there (nor for good, when the export is killed) once the chunk is in the bundle."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    path = _convert(small(), tmp_path / "chunk.mlpackage", "iOS17")
+    assert (path / WEIGHTS).is_file()
+    assert list(scratch.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk.mlpackage", "tmp"]
 
 
 def test_compression_writes_over_the_weights_it_replaces():

@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,18 +86,26 @@ def write_mlpackage(module: torch.nn.Module, example_inputs: Sequence[torch.Tens
             owner.register_buffer(key, buffer)
     _drop_aliases(program)
     precision = ct.precision.FLOAT16 if target.precision == "fp16" else ct.precision.FLOAT32
-    with warnings.catch_warnings(), _quiet_coremltools():
-        warnings.simplefilter("ignore")
-        model = ct.convert(
-            program, convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, target.deployment_target),
-            compute_precision=precision,
-            inputs=[ct.TensorType(name=names[s.name], shape=s.shape, dtype=_np_dtype(s.dtype)) for s in inputs],
-            outputs=[ct.TensorType(name=names[s.name], dtype=np.float32 if s.dtype.startswith("float")
-                                   else _np_dtype(s.dtype)) for s in outputs],
-            pass_pipeline=palettization_pipeline(palettes, program), skip_model_load=True,
-        )
-    model.short_description = f"pocketsd chunk ({len(inputs)} inputs, {len(outputs)} outputs)"
-    model.save(str(path))
+    # Without ``package_dir`` coremltools converts into the system temp folder and deletes that copy only when the
+    # process exits (atexit): an export kept every chunk's weights twice until it ended, and for good when killed.
+    # Beside ``path`` the copy is in the export's staging folder, which a rerun removes after a kill.
+    scratch = path.with_name(f"{path.stem}.converting.mlpackage")
+    try:
+        with warnings.catch_warnings(), _quiet_coremltools():
+            warnings.simplefilter("ignore")
+            model = ct.convert(
+                program, convert_to="mlprogram",
+                minimum_deployment_target=getattr(ct.target, target.deployment_target), compute_precision=precision,
+                inputs=[ct.TensorType(name=names[s.name], shape=s.shape, dtype=_np_dtype(s.dtype)) for s in inputs],
+                outputs=[ct.TensorType(name=names[s.name], dtype=np.float32 if s.dtype.startswith("float")
+                                       else _np_dtype(s.dtype)) for s in outputs],
+                pass_pipeline=palettization_pipeline(palettes, program), skip_model_load=True,
+                package_dir=str(scratch),
+            )
+        model.short_description = f"pocketsd chunk ({len(inputs)} inputs, {len(outputs)} outputs)"
+        model.save(str(path))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return names
 
 
