@@ -19,7 +19,7 @@ import yaml
 from pocketsd.contract import COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS, DEFAULT_DEPLOYMENT_TARGET, DEPLOYMENT_TARGETS
 from pocketsd.errors import PresetError
 from pocketsd.export.compression.quality_gates import QUANT_MIN_PSNR_DB
-from pocketsd.export.preset_reader import _Reader, _shown
+from pocketsd.export.preset_reader import YamlReader, shown
 from pocketsd.export.split_strategies import SplitRequest
 from pocketsd.runtime.execution import MEMORY_POLICIES
 
@@ -146,7 +146,7 @@ class Preset:
         }
 
 
-def parse_resolution(value: Any, where: _Reader) -> tuple[int, int] | None:
+def parse_resolution(value: Any, where: YamlReader) -> tuple[int, int] | None:
     if value is None:
         return None
     text = str(value)
@@ -160,7 +160,7 @@ def parse_resolution(value: Any, where: _Reader) -> tuple[int, int] | None:
     return h, w
 
 
-def _split_request(reader: _Reader, shared_prefix: str | None) -> SplitRequest:
+def _split_request(reader: YamlReader, shared_prefix: str | None) -> SplitRequest:
     """One component's split. ``shared_prefix``: None where this component may ask for one, else why it may not."""
     reader.only(("n_chunks", "max_mb", "at_modules", "shared_prefix"))
     prefix = reader.choice("shared_prefix", (True, False), False)
@@ -190,7 +190,7 @@ def _no_shared_prefix(component: str, backend: str, unet_batch: int) -> str | No
 
 
 def preset_from_dict(data: Any, source: str) -> Preset:
-    top = _Reader(data, source)
+    top = YamlReader(data, source)
     top.only(_TOP_KEYS)
     backend = top.choice("backend", BACKENDS, "onnx")
     precision = top.choice("precision", PRECISIONS[backend], "fp32")
@@ -232,11 +232,11 @@ def preset_from_dict(data: Any, source: str) -> Preset:
     )
 
 
-def _components(top: _Reader) -> tuple[str, ...]:
+def _components(top: YamlReader) -> tuple[str, ...]:
     """``components``: a list of component ids. A mapping is refused, not read as its keys."""
     value = top.data.get("components", list(COMPONENT_IDS))
     if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
-        top.at("components").fail(f"is {_shown(value)}, not a non-empty list of component ids",
+        top.at("components").fail(f"is {shown(value)}, not a non-empty list of component ids",
                                   f"a list of: {', '.join(COMPONENT_IDS)}")
     for c in value:
         if c not in COMPONENT_IDS:
@@ -246,14 +246,14 @@ def _components(top: _Reader) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _text(top: _Reader, key: str) -> str:
+def _text(top: YamlReader, key: str) -> str:
     value = "" if top.data.get(key) is None else top.data.get(key)
     if not isinstance(value, str):
-        top.at(key).fail(f"is {_shown(value)}, not text", "quote it: key: \"text\"")
+        top.at(key).fail(f"is {shown(value)}, not text", "quote it: key: \"text\"")
     return value
 
 
-def _attention_config(top: _Reader, coreml: CoreMLConfig) -> AttentionConfig:
+def _attention_config(top: YamlReader, coreml: CoreMLConfig) -> AttentionConfig:
     """Top-level ``attention: {form, slice_mb}``; a CoreML preset may give the form as ``coreml.attention`` instead."""
     if top.data.get("attention") is None:
         return AttentionConfig(form=coreml.attention)
@@ -265,7 +265,7 @@ def _attention_config(top: _Reader, coreml: CoreMLConfig) -> AttentionConfig:
                            slice_mb=reader.number("slice_mb", 16.0, float, 0.001))
 
 
-def _vae_tiling(reader: _Reader) -> VaeTiling:
+def _vae_tiling(reader: YamlReader) -> VaeTiling:
     reader.only(("tile", "overlap", "group_norm", "mid_block"))
     tiling = VaeTiling(tile=reader.number("tile", 32, int, 8), overlap=reader.number("overlap", 8, int, 0),
                        group_norm=reader.choice("group_norm", GROUP_NORM_STATS, "image"),
@@ -276,7 +276,7 @@ def _vae_tiling(reader: _Reader) -> VaeTiling:
     return tiling
 
 
-def _quantize_config(reader: _Reader, components: tuple[str, ...]) -> dict[str, WeightQuantization]:
+def _quantize_config(reader: YamlReader, components: tuple[str, ...]) -> dict[str, WeightQuantization]:
     reader.only((*COMPONENT_IDS, "default"))
     default = reader.data.get("default")
     out: dict[str, WeightQuantization] = {}
@@ -298,7 +298,7 @@ def _quantize_config(reader: _Reader, components: tuple[str, ...]) -> dict[str, 
     return out
 
 
-def _coreml_config(reader: _Reader, components: tuple[str, ...]) -> CoreMLConfig:
+def _coreml_config(reader: YamlReader, components: tuple[str, ...]) -> CoreMLConfig:
     reader.only(("deployment_target", "compute_units", "attention", "compression"))
     target = reader.choice("deployment_target", tuple(DEPLOYMENT_TARGETS), DEFAULT_DEPLOYMENT_TARGET)
     compression = reader.child("compression")
@@ -349,7 +349,7 @@ def with_overrides(preset: Preset, chunks: Mapping[str, int] | None = None, max_
                    resolution: str | None = None) -> Preset:
     """Apply CLI overrides; they are validated like preset keys (source ``command line``)."""
     split = dict(preset.split)
-    cli = _Reader({}, "command line")
+    cli = YamlReader({}, "command line")
     if max_chunk_mb is not None:
         if not math.isfinite(max_chunk_mb) or max_chunk_mb <= 0:
             cli.at("--max-chunk-mb").fail(f"is {max_chunk_mb}", "give a positive number of megabytes")

@@ -8,13 +8,13 @@ from typing import Any
 from pocketsd.errors import PresetError
 
 
-class _Reader:
+class YamlReader:
     """Strict access to one YAML mapping, remembering the file and key path for error messages."""
 
     def __init__(self, data: Any, source: str, path: str = "") -> None:
         self.source, self.path = source, path
         if not isinstance(data, dict):
-            self.fail("is empty" if data is None else f"must be a mapping, not {_shown(data)}",
+            self.fail("is empty" if data is None else f"must be a mapping, not {shown(data)}",
                       "write key: value lines here (see the presets in split_configs/)")
         self.data = data
 
@@ -28,9 +28,9 @@ class _Reader:
                 child = f"{self.path}.{key}" if self.path else str(key)
                 raise PresetError(f"{self.source}: unknown key {child!r}", f"allowed here: {', '.join(allowed)}")
 
-    def child(self, key: str) -> "_Reader":
+    def child(self, key: str) -> "YamlReader":
         value = self.data.get(key)  # absent or null: defaults; any other non-mapping is refused, not read as {}
-        return _Reader({} if value is None else value, self.source, f"{self.path}.{key}" if self.path else key)
+        return YamlReader({} if value is None else value, self.source, f"{self.path}.{key}" if self.path else key)
 
     def choice(self, key: str, allowed: tuple[Any, ...], default: Any) -> Any:
         value = self.data.get(key, default)
@@ -50,11 +50,11 @@ class _Reader:
             self.at(key).fail(f"is {value}, below the minimum {minimum}")
         return kind(value)
 
-    def at(self, key: str) -> "_Reader":
-        return _Reader({}, self.source, f"{self.path}.{key}" if self.path else key)
+    def at(self, key: str) -> "YamlReader":
+        return YamlReader({}, self.source, f"{self.path}.{key}" if self.path else key)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A value as the error names it: its YAML kind, and the value where it is short."""
     kinds = {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", int: "a number", float: "a number"}
     return kinds.get(type(value), type(value).__name__) + (f" ({value!r})" if len(repr(value)) <= 40 else "")

@@ -61,12 +61,12 @@ def test_spec_versions_and_levels_agree_with_coremltools():
 
 def test_every_target_and_compute_unit_is_accepted_by_a_preset():
     from pocketsd.export.compression.coreml_config import TARGET_LEVELS, parse_compression
-    from pocketsd.export.preset import CoreMLConfig, _coreml_config, _Reader
+    from pocketsd.export.preset import CoreMLConfig, YamlReader, _coreml_config
 
     assert TARGET_LEVELS == {n: t.level for n, t in contract.DEPLOYMENT_TARGETS.items()}
     for name in contract.DEPLOYMENT_TARGETS:
         for units in contract.COMPUTE_UNITS:
-            config = _coreml_config(_Reader({"deployment_target": name, "compute_units": units}, "t.yaml", "coreml"),
+            config = _coreml_config(YamlReader({"deployment_target": name, "compute_units": units}, "t.yaml", "coreml"),
                                     ("unet",))
             assert config == CoreMLConfig(deployment_target=name, compute_units=units)
         assert parse_compression({"global": {"mode": "palettize", "nbits": 6}}, "u", name).global_config
