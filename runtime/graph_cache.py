@@ -52,6 +52,11 @@ def _cpu_id() -> str:
     return f"{platform.machine()} {platform.processor()} {' '.join(sorted(flags.split(':')[-1].split()))}"
 
 
+def cacheable(chunk: Chunk) -> bool:
+    """Large enough for its optimized graph to be cached (below CACHE_MIN_BYTES optimizing at load costs little)."""
+    return sum(ref.bytes for ref in chunk.files) >= CACHE_MIN_BYTES
+
+
 def graph_entry(graph: Path, chunk: Chunk, options: SessionOptions) -> Path | None:
     """Where this chunk's fully optimized graph is cached, or None where it is not: small chunks, caches turned off,
     files not verified (the key, which holds the sha256 of every chunk file, would not vouch for them)."""
@@ -59,7 +64,7 @@ def graph_entry(graph: Path, chunk: Chunk, options: SessionOptions) -> Path | No
 
     if not (options.verify_hashes and disk_cache_enabled(options.disk_cache)):
         return None
-    if sum(ref.bytes for ref in chunk.files) < CACHE_MIN_BYTES:
+    if not cacheable(chunk):
         return None
     key = [ort.__version__, _cpu_id(), "ORT_ENABLE_ALL", graph.name, [ref.sha256 for ref in chunk.files]]
     return cache_dir() / "onnxruntime" / f"{chunk.id}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]}"

@@ -68,7 +68,8 @@ class Pipeline:
         self.decoder_head = decoder_head(manifest)  # checked at load, not after the last denoising step
         self.options = replace(options, transient=memory != "resident")
         self.policy = make_policy(memory, chunk_opener(self.bundle_dir, self.options), self.options.low_memory,
-                                  open_workers(self.options.engine), component_opener(self.bundle_dir, self.options))
+                                  open_workers(self.bundle_dir, self.options),
+                                  component_opener(self.bundle_dir, self.options))
         self._runners: dict[str, ComponentRunner] = {}
         self.text = TextConditioning(self.bundle_dir, manifest, self.runner, self._expect)
         self.tokenizer = self.text.tokenizer

@@ -20,7 +20,7 @@ import numpy as np
 
 from pocketsd.errors import BundleError
 from pocketsd.registry import Registry
-from pocketsd.runtime.graph_cache import cached_session, graph_entry
+from pocketsd.runtime.graph_cache import cacheable, cached_session, graph_entry
 from pocketsd.runtime.hashing import (
     mismatched,
     sealed,
@@ -262,13 +262,41 @@ def verify_chunk(bundle_dir: Path, chunk: Chunk, disk_cache: bool = True) -> Non
     check_chunk_refs(bundle_dir, chunk)
 
 
-def open_workers(engine: str) -> int:
-    """How many chunks of a component to open at once. OpenVINO compiles two at a time in less time than one after
-    the other (SD 1.5 cpu at 512², the UNet's four chunks, no caches, alternated: 3.23-3.29 s vs 4.50-4.97 s);
-    onnxruntime took longer (8.9-10.5 s vs 3.8-6.7 s for every chunk: two sessions building their weights fault the
-    same process's memory at once). (Resident OpenVINO components of several chunks are now compiled as one model
-    instead: open_component.)"""
-    return 1 if engine == ORT_ENGINE else 2
+def open_workers(bundle_dir: Path, options: SessionOptions) -> Callable[[Sequence[Chunk]], int]:
+    """How many of a component's chunks to open at once (execution.ResidentPolicy.prepare), given those chunks.
+
+    OpenVINO: two. It compiles two in less time than one after the other (SD 1.5 cpu at 512², the UNet's four
+    chunks, no caches, alternated: 3.23-3.29 s vs 4.50-4.97 s); resident OpenVINO components of several chunks are
+    now compiled as one model instead (open_component).
+
+    onnxruntime: ``CACHED_OPEN_WORKERS`` where every chunk opens from its cached optimized graph (or is too small to
+    be cached), else one. Optimizing at load, two sessions took longer than one after the other (8.9-10.5 s vs
+    3.8-6.7 s for every chunk: both build their weights and fault the same process's memory at once). From the
+    cache an open is mostly reading the graph's weights and packing some of them, which overlaps well:
+    SD 1.5 cpu at 512², a fresh process loading the whole bundle with its cache files evicted from the page cache
+    first (as after a long run of other work), five rounds interleaved: 1.94-2.60 s (median 2.08) one at a time,
+    1.39-1.56 s (1.46) two at a time, 1.12-1.44 s (1.30) three at a time, on 2 cores; the same peak RSS."""
+
+    def workers(chunks: Sequence[Chunk]) -> int:
+        if options.engine != ORT_ENGINE:
+            return 2
+        return CACHED_OPEN_WORKERS if all(_cheap_to_open(bundle_dir, c, options) for c in chunks) else 1
+
+    return workers
+
+
+CACHED_OPEN_WORKERS = 3
+
+
+def _cheap_to_open(bundle_dir: Path, chunk: Chunk, options: SessionOptions) -> bool:
+    """An ONNX chunk onnxruntime opens without optimizing a large graph: its optimized graph is cached, or it is
+    smaller than anything the cache keeps."""
+    if chunk.format != "onnx":
+        return False
+    if not cacheable(chunk):
+        return True
+    entry = graph_entry(onnx_graph(bundle_dir, chunk), chunk, options)
+    return entry is not None and sealed(entry)
 
 
 def verify_in_background(bundle_dir: Path, chunks: Sequence[Chunk], options: SessionOptions) -> None:

@@ -215,6 +215,35 @@ def test_opening_chunks_two_at_a_time_gives_the_same_picture(bundle: Path, monke
     assert any(name.startswith("pocketsd-open") for name in threads), threads
 
 
+def test_onnxruntime_opens_chunks_at_once_only_where_their_graphs_are_cached(bundle: Path, monkeypatch):
+    unet = load_manifest(bundle).component("unet").chunks
+    workers = sessions.open_workers(bundle, SessionOptions())
+    assert workers(unet) == 1  # nothing cached yet: each open optimizes its graph, one at a time
+    Pipeline.from_bundle(bundle).runner("unet")  # caches every UNet chunk's optimized graph
+    later_process(monkeypatch)
+    assert workers(unet) == sessions.CACHED_OPEN_WORKERS > 1
+    assert sessions.open_workers(bundle, SessionOptions(disk_cache=False))(unet) == 1  # the cache is not used
+    monkeypatch.setattr(graph_cache, "CACHE_MIN_BYTES", 2**62)
+    assert workers(unet) == sessions.CACHED_OPEN_WORKERS  # too small to be cached: cheap to optimize at load
+    assert sessions.open_workers(bundle, SessionOptions(engine="openvino"))(unet) == 2
+
+
+def test_a_later_process_opens_cached_chunks_at_once_with_the_same_picture(bundle: Path, monkeypatch):
+    want = generate(Pipeline.from_bundle(bundle))  # the first load optimizes and caches, one chunk at a time
+    later_process(monkeypatch)
+    threads: list[str] = []
+    real = sessions.open_chunk
+
+    def counted(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(execution, "open_chunk", counted)
+    assert np.array_equal(generate(Pipeline.from_bundle(bundle)), want)
+    unet = load_manifest(bundle).component("unet").chunks
+    assert sum(name.startswith("pocketsd-open") for name in threads) == len(unet)
+
+
 def test_a_bad_chunk_opened_two_at_a_time_raises_the_bundle_error(bundle: Path):
     path = bundle / load_manifest(bundle).component("unet").chunks[3].data_files[0].path
     path.write_bytes(bytes(path.stat().st_size))
