@@ -81,9 +81,16 @@ def onnx_session_options(options: SessionOptions, chunk: Chunk | None = None) ->
     # thread pool did as well (1.014×), but onnxruntime then refuses every session in the process (the exporter's,
     # a user's) that keeps threads of its own.
     so.add_session_config_entry("session.force_spinning_stop", "1")
+    # No memory-pattern plan, in any session. The plan is made from the first two runs and then kept as one block per
+    # session, beside what the arena already holds from those runs: resident chunk sessions each kept both. SD 1.5
+    # cpu at 512², batch-2 UNet calls in one process (two rounds, 8 calls each): with the plan the 5 chunk sessions
+    # peaked at 11.1 GB, their first two calls took 6.3-13.4 s, then 3.83-4.01 s; without it 7.4 GB, 5.4-7.8 s and
+    # 3.81-4.01 s; the unchunked session 7.4 GB with it, 5.9 GB without, at the same speed. A 4-step generation
+    # from the chunked bundle: 33.6 s and 12.6 GB with the plan, 25.2 s and 8.9 GB without. The arena itself stays:
+    # without it (tensors from malloc) the UNet call took 5.0-5.7 s.
+    so.enable_mem_pattern = False
     if options.low_memory or options.transient:
         so.enable_cpu_mem_arena = False
-        so.enable_mem_pattern = False
     if options.transient:
         so.add_session_config_entry("session.disable_prepacking", "1")
         if _largest_activation_within(chunk, ARENA_MAX_ACTIVATION_BYTES):

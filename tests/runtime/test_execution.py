@@ -303,7 +303,8 @@ def _memory_settings(options: SessionOptions, largest: object) -> tuple[bool, bo
 def test_the_arena_is_used_only_where_tensors_are_small():
     """Transient sessions: their own arena without the reuse plan up to ARENA_MAX_ACTIVATION_BYTES, else the plan
     without an arena; resident low-memory sessions: the process's shared arena without the plan up to their own
-    limit, else the plan without an arena; a chunk that records no (or a malformed) size keeps onnxruntime's plan."""
+    limit, else the plan without an arena; a chunk that records no (or a malformed) size keeps onnxruntime's plan. No
+    session keeps a memory pattern."""
     transient, low, default = SessionOptions(transient=True), SessionOptions(low_memory=True), SessionOptions()
     assert _memory_settings(transient, 1) == (True, False, False, False)
     assert _memory_settings(transient, ARENA_MAX_ACTIVATION_BYTES) == (True, False, False, False)
@@ -312,7 +313,9 @@ def test_the_arena_is_used_only_where_tensors_are_small():
     assert _memory_settings(low, RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES) == (True, False, False, True)
     for unknown in (RESIDENT_NO_REUSE_MAX_ACTIVATION_BYTES + 1, None, "big"):
         assert _memory_settings(low, unknown) == (False, True, False, False)
-    assert _memory_settings(default, 1) == (True, True, True, False)  # resident, not low-memory: the defaults
+    # resident, not low-memory: onnxruntime's arena and reuse plan, but no memory pattern (onnx_session_options)
+    for size in (1, None):
+        assert _memory_settings(default, size) == (True, True, False, False)
     assert onnx_session_options(transient, None).enable_mem_reuse
 
 
