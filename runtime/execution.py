@@ -241,9 +241,10 @@ def check_memory(name: str, error: type[UserError] = GenerateError) -> str:
 
 
 # Resident memory on onnxruntime runs at about twice a bundle's weights and more (each open session keeps its own
-# arena; at 512² SD 1.5's 3.4 GB UNet peaked at 12.8 GB). A bundle whose weights alone exceed half of the memory
-# available is streamed unless the caller asked for resident: SDXL's `cpu` bundle at 1024² (13 GB of weights) was
-# killed by the kernel on a 24 GB box when resident, and ran in 4.5 GB streamed.
+# arena; at 512² SD 1.5's 3.4 GB UNet peaked at 12.8 GB, 9.4 GB since sessions keep no memory pattern). A bundle
+# whose weights alone exceed half of the memory available is streamed unless the caller asked for resident: SDXL's
+# `cpu` bundle at 1024² (13 GB of weights) was killed by the kernel on a 24 GB box when resident, and ran in 4.5 GB
+# streamed.
 RESIDENT_FACTOR = 2
 
 
