@@ -53,3 +53,26 @@ def test_openvino_profile_of_the_unet(tiny_bundle: Path):
 def test_calls_must_be_positive(tiny_bundle: Path):
     with pytest.raises(SystemExit):
         main([str(tiny_bundle), "--calls", "0"])
+
+
+def test_only_the_timed_calls_are_counted_for_a_chunk_run_once_per_row(tmp_path: Path):
+    """A per-row chunk (the shared prefix) runs twice per call where the rows differ: the warm-up ends after its
+    2 × WARM_UP-th run, not its WARM_UP-th. A trace of 2 warm-up and 2 timed calls, one node of 1 ms per run."""
+    from pocketsd.bench.op_profile import WARM_UP, OrtProfiler
+
+    events = []
+    for run in range(2 * (WARM_UP + 2)):
+        start = run * 100
+        events.append({"name": "model_run", "ts": start, "dur": 10})
+        events.append({"cat": "Node", "name": "conv_kernel_time", "ts": start + 1, "dur": 1000,
+                       "args": {"op_name": "Conv"}})
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps(events))
+
+    class Traced:
+        def end_profiling(self) -> str:
+            return str(trace)
+
+    profiler = OrtProfiler(tmp_path, None, tmp_path)  # type: ignore[arg-type]
+    profiler.sessions["unet.00"] = type("Wrapped", (), {"session": Traced()})()  # type: ignore[assignment]
+    assert profiler.node_times(WARM_UP, 2) == {("unet.00", "conv", "Conv"): pytest.approx(4e-3)}  # 2 calls × 2 rows
