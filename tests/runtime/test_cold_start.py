@@ -199,8 +199,8 @@ def test_parallel_hashing_names_the_mismatched_files_in_order(bundle: Path):
     assert hashing.mismatched(files, disk_cache=False, workers=1) == want
 
 
-def test_opening_chunks_two_at_a_time_gives_the_same_picture(bundle: Path, monkeypatch):
-    want = generate(Pipeline.from_bundle(bundle))
+def opening_threads(monkeypatch) -> list[str]:
+    """From now on, the name of the thread each chunk is opened on (the policies open through execution.open_chunk)."""
     threads: list[str] = []
     real = sessions.open_chunk
 
@@ -209,6 +209,12 @@ def test_opening_chunks_two_at_a_time_gives_the_same_picture(bundle: Path, monke
         return real(*args, **kwargs)
 
     monkeypatch.setattr(execution, "open_chunk", counted)
+    return threads
+
+
+def test_opening_chunks_two_at_a_time_gives_the_same_picture(bundle: Path, monkeypatch):
+    want = generate(Pipeline.from_bundle(bundle))
+    threads = opening_threads(monkeypatch)
     pipe = Pipeline.from_bundle(bundle)
     pipe.policy = execution.make_policy("resident", execution.chunk_opener(bundle, pipe.options), open_workers=2)
     assert np.array_equal(generate(pipe), want)
@@ -231,14 +237,7 @@ def test_onnxruntime_opens_chunks_at_once_only_where_their_graphs_are_cached(bun
 def test_a_later_process_opens_cached_chunks_at_once_with_the_same_picture(bundle: Path, monkeypatch):
     want = generate(Pipeline.from_bundle(bundle))  # the first load optimizes and caches, one chunk at a time
     later_process(monkeypatch)
-    threads: list[str] = []
-    real = sessions.open_chunk
-
-    def counted(*args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(execution, "open_chunk", counted)
+    threads = opening_threads(monkeypatch)
     assert np.array_equal(generate(Pipeline.from_bundle(bundle)), want)
     unet = load_manifest(bundle).component("unet").chunks
     assert sum(name.startswith("pocketsd-open") for name in threads) == len(unet)
