@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 Opener = Callable[[Chunk], ChunkSession]
 WholeOpener = Callable[[Component], "ChunkSession | None"]  # a session for a whole component, where one can be made
-OpenWorkers = int | Callable[[Sequence[Chunk]], int]  # how many chunks to open at once, fixed or given the chunks
+OpenWorkers = Callable[[Sequence[Chunk]], int]  # how many of these chunks (one component's) to open at once
 Feeds = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 
@@ -99,13 +99,13 @@ class ExecutionPolicy:
 class ResidentPolicy(ExecutionPolicy):
     name = "resident"
 
-    def __init__(self, opener: Opener, low_memory: bool = False, open_workers: OpenWorkers = 1,
+    def __init__(self, opener: Opener, low_memory: bool = False, open_workers: OpenWorkers = lambda _chunks: 1,
                  whole: WholeOpener | None = None) -> None:
         super().__init__(opener)
         self._sessions: dict[str, ChunkSession] = {}
         self._whole = whole  # one session per component where the engine joins chunks (OpenVINO), else chunk by chunk
         self._wholes: dict[str, ChunkSession] = {}
-        self._open_workers = open_workers  # chunks of one component opened at once (``prepare``), or who says
+        self._open_workers = open_workers  # chunks of one component opened at once (``prepare``)
         # Sessions without a memory arena (``low_memory``) allocate their tensors with malloc, and glibc keeps freed
         # heap pages, fragmented between live blocks, so the VAE decode came on top of the UNet's leftovers: SD 1.5
         # cpu-int8 at 512² peaked at 1,469 MB (3 steps), 1,394 MB with a trim after each chunk run, at no cost in
@@ -124,7 +124,7 @@ class ResidentPolicy(ExecutionPolicy):
                 self._wholes[component.id] = session
                 return
         missing = [c for c in component.chunks if c.id not in self._sessions]
-        workers = self._open_workers(missing) if callable(self._open_workers) else self._open_workers
+        workers = self._open_workers(missing)
         if workers <= 1 or len(missing) <= 1:
             for chunk in missing:
                 self._session(chunk)
@@ -282,11 +282,12 @@ def default_memory(manifest: Manifest, preset_memory: str) -> str:
     return "stream"
 
 
-def make_policy(name: str, opener: Opener, low_memory: bool = False, open_workers: OpenWorkers = 1,
+def make_policy(name: str, opener: Opener, low_memory: bool = False, open_workers: OpenWorkers = lambda _chunks: 1,
                 whole: WholeOpener | None = None) -> ExecutionPolicy:
     """The named policy; ``low_memory`` (sessions without a memory arena) makes a resident one trim the C heap, and
-    a resident one opens a component's chunks ``open_workers`` at a time (sessions.open_workers: the engine's and
-    the graph cache's choice, pipeline.py), or the whole component as one session where ``whole`` makes one."""
+    a resident one opens a component's chunks ``open_workers(chunks)`` at a time (sessions.open_workers: the
+    engine's and the graph cache's choice, pipeline.py), or the whole component as one session where ``whole``
+    makes one."""
     policy = POLICIES[check_memory(name)]
     return ResidentPolicy(opener, low_memory, open_workers, whole) if policy is ResidentPolicy else policy(opener)
 

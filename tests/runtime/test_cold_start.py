@@ -216,7 +216,8 @@ def test_opening_chunks_two_at_a_time_gives_the_same_picture(bundle: Path, monke
     want = generate(Pipeline.from_bundle(bundle))
     threads = opening_threads(monkeypatch)
     pipe = Pipeline.from_bundle(bundle)
-    pipe.policy = execution.make_policy("resident", execution.chunk_opener(bundle, pipe.options), open_workers=2)
+    pipe.policy = execution.make_policy("resident", execution.chunk_opener(bundle, pipe.options),
+                                         open_workers=lambda _chunks: 2)
     assert np.array_equal(generate(pipe), want)
     assert any(name.startswith("pocketsd-open") for name in threads), threads
 
@@ -247,7 +248,8 @@ def test_a_bad_chunk_opened_two_at_a_time_raises_the_bundle_error(bundle: Path):
     path = bundle / load_manifest(bundle).component("unet").chunks[3].data_files[0].path
     path.write_bytes(bytes(path.stat().st_size))
     pipe = Pipeline.from_bundle(bundle)
-    pipe.policy = execution.make_policy("resident", execution.chunk_opener(bundle, pipe.options), open_workers=2)
+    pipe.policy = execution.make_policy("resident", execution.chunk_opener(bundle, pipe.options),
+                                         open_workers=lambda _chunks: 2)
     with pytest.raises(BundleError, match=r"unet\.03\.onnx\.data does not match its sha256"):
         pipe.runner("unet")
 
